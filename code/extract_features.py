@@ -1,0 +1,114 @@
+"""Extract BEiT-3 retrieval features for your own images and texts.
+
+Reads: an image folder (``--images``) and/or a text file with one text per line (``--texts``).
+Writes: one ``.npz`` (``--out``) with ``image_names``, ``image_features``, ``texts``, ``text_features`` (float32,
+L2-normalised; cosine similarity = dot product). Unreadable images and empty text lines are reported by name / line
+and left out; the rest is still written.
+
+Example:
+    python code/extract_features.py --model beit3_large_patch16_384 \
+        --finetune model_pth/beit3_large_patch16_384_f30k_retrieval.pth \
+        --sentencepiece_model model_pth/beit3.spm --images my_photos/ --texts queries.txt --out features.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from traffic_retrieval import runtime
+from traffic_retrieval.checkpoint import CheckpointError, load_weights
+from traffic_retrieval.encoding import encode_images, encode_texts, list_images
+from traffic_retrieval.fileio import atomic_open
+from traffic_retrieval.modeling import create_model, list_models
+from traffic_retrieval.precision import PRECISIONS
+from traffic_retrieval.tokenizer import Tokenizer
+from traffic_retrieval.transforms import eval_transform
+
+log = logging.getLogger("extract_features")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, choices=list_models(), help="registered model name")
+    p.add_argument("--finetune", required=True, help="checkpoint (.pth, DeepSpeed file or checkpoint directory)")
+    p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm", help="needed with --texts")
+    p.add_argument("--images", help="folder of images to encode")
+    p.add_argument("--texts", help="text file, one text per line")
+    p.add_argument("--input_size", type=int, default=None, help="image side (default: the model's)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
+    p.add_argument("--out", required=True, help="output .npz file")
+    args = p.parse_args(argv)
+    if not args.images and not args.texts:
+        p.error("give --images, --texts or both")
+    return args
+
+
+def read_text_lines(path: Path) -> tuple[list[str], list[int]]:
+    """Non-empty lines of a text file, and the 1-based numbers of the empty ones (reported, not fatal)."""
+    texts, empty = [], []
+    raw = path.read_bytes().decode("utf-8-sig", errors="replace").splitlines()
+    while raw and not raw[-1].strip():
+        raw.pop()  # trailing blank lines are not texts
+    for i, line in enumerate(raw, 1):
+        (texts.append(line) if line.strip() else empty.append(i))
+    return texts, empty
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    runtime.setup(args.threads)
+    device = runtime.resolve_device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+    model = create_model(args.model, img_size=args.input_size)
+    try:
+        load_weights(model, args.finetune)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    model.to(device).eval()
+
+    out: dict[str, np.ndarray] = {}
+    dim = model.cfg.embed_dim
+    if args.images:
+        try:
+            paths = list_images(args.images)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+        res = encode_images(model, paths, eval_transform(model.cfg.img_size), batch_size=args.batch_size,
+                            device=device, precision=precision, num_workers=args.num_workers)
+        for p, reason in res.failed:
+            log.warning("%s: not encoded (%s)", p, reason)
+        out["image_names"] = np.array([p.name for p in res.paths], dtype=str)
+        out["image_features"] = res.features.numpy().astype(np.float32)
+        log.info("encoded %d images (%d skipped)", len(res.paths), len(res.failed))
+    else:
+        out["image_names"], out["image_features"] = np.array([], dtype=str), np.zeros((0, dim), np.float32)
+    if args.texts:
+        texts, empty = read_text_lines(Path(args.texts))
+        for n in empty:
+            log.warning("%s:%d: empty line, skipped", args.texts, n)
+        try:
+            tokenizer = Tokenizer(args.sentencepiece_model)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
+        feats = encode_texts(model, tokenizer, texts, batch_size=args.batch_size * 4, device=device, precision=precision)
+        out["texts"], out["text_features"] = np.array(texts, dtype=str), feats.numpy().astype(np.float32)
+        log.info("encoded %d texts (%d empty lines skipped)", len(texts), len(empty))
+    else:
+        out["texts"], out["text_features"] = np.array([], dtype=str), np.zeros((0, dim), np.float32)
+
+    with atomic_open(args.out, "wb") as f:
+        np.savez(f, **out)
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Throughput of the project's BEiT-3 against the official implementation (torchscale), in one process.
+
+Settings (each prints one JSON line):
+- ``train``: one optimisation step on a batch of image+caption pairs: both encoders, the symmetric contrastive loss,
+  backward and AdamW; reported in pairs/s (optionally with activation checkpointing, optionally torch.compile'd).
+- ``encode_image`` / ``encode_text``: inference throughput in images/s and texts/s (no grad).
+- ``infer_stage``: the test stage on synthetic tensors: two models each encode a gallery and its queries, then the
+  chunked top-10; reported in seconds (the real data has 17,611 images and 17,611 queries).
+The official model is timed on the same shapes, inputs and precision; ``ratio`` = ours / official. MFU counts model
+FLOPs (3x forward for a training step; recomputation by checkpointing is not counted) over a matmul peak measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling import BEiT3Config, create_model, get_config
+from .precision import get_autocast
+from .retrieval import topk_similarity
+
+TEXT_LEN = 64
+
+
+def forward_flops(cfg: BEiT3Config, tokens: int) -> float:
+    """FLOPs of one encoder pass over ``tokens`` tokens (one expert per token: 12 D^2 weights per layer)."""
+    d = cfg.embed_dim
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * cfg.ffn_dim) + 4 * tokens * tokens * d
+    return cfg.depth * per_layer
+
+
+def pair_flops(cfg: BEiT3Config) -> float:
+    """Training FLOPs of one image+caption pair (forward + backward = 3 forwards)."""
+    return 3 * (forward_flops(cfg, cfg.num_patches + 1) + forward_flops(cfg, TEXT_LEN))
+
+
+def matmul_peak(device: torch.device, precision: str, n: int) -> float:
+    """Measured FLOP/s of an n^3 matmul in the benchmark's precision: the practical ceiling for MFU."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = _time(lambda: a @ b, device, warmup=2, iters=5)
+    return 2 * n**3 / t
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds per call after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class OfficialModel(nn.Module):
+    """torchscale's BEiT3 with the official retrieval heads (needs ``torchscale`` and ``fairscale``)."""
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        try:
+            from torchscale.architecture.config import EncoderConfig
+            from torchscale.model.BEiT3 import BEiT3
+        except ImportError as e:
+            raise SystemExit(f"the reference needs torchscale==0.3.0 and fairscale==0.4.0 ({e}); "
+                             "install requirements-oracle.txt with --no-deps, or pass --reference none") from None
+        args = EncoderConfig(
+            img_size=cfg.img_size, patch_size=cfg.patch_size, vocab_size=cfg.vocab_size, multiway=True,
+            layernorm_embedding=False, normalize_output=True, no_output_layer=True,
+            drop_path_rate=cfg.drop_path_rate, encoder_embed_dim=cfg.embed_dim,
+            encoder_attention_heads=cfg.num_heads, encoder_ffn_embed_dim=cfg.ffn_dim, encoder_layers=cfg.depth,
+            checkpoint_activations=cfg.checkpoint_activations, max_source_positions=cfg.max_text_positions,
+        )
+        self.beit3 = BEiT3(args)
+        self.language_head = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)
+        self.vision_head = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.beit3(textual_tokens=None, visual_tokens=images)["encoder_out"][:, 0]
+        return F.normalize(self.vision_head(x), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        x = self.beit3(textual_tokens=tokens, visual_tokens=None, text_padding_position=padding_mask)
+        return F.normalize(self.language_head(x["encoder_out"][:, 0]), dim=-1)
+
+
+@dataclass
+class Inputs:
+    images: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def make_inputs(cfg: BEiT3Config, batch: int, device: torch.device, seed: int = 0) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g)
+    lengths = torch.randint(8, TEXT_LEN + 1, (batch,), generator=g)
+    tokens = torch.randint(4, min(cfg.vocab_size, 64000), (batch, TEXT_LEN), generator=g)
+    mask = (torch.arange(TEXT_LEN)[None] >= lengths[:, None]).long()
+    tokens[:, 0] = 0
+    tokens[mask.bool()] = 1
+    return Inputs(images.to(device), tokens.to(device), mask.to(device))
+
+
+def _contrastive(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    logits = logit_scale.exp() * img.float() @ txt.float().T
+    labels = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def build(impl: str, name: str, device: torch.device, checkpointing: bool, compile_layers: bool,
+          img_size: int | None) -> nn.Module:
+    cfg = get_config(name, img_size=img_size, checkpoint_activations=checkpointing)
+    model = create_model(name, img_size=img_size, checkpoint_activations=checkpointing) if impl == "ours" \
+        else OfficialModel(cfg)
+    model.to(device)
+    if compile_layers and impl == "ours":
+        for layer in model.beit3.encoder.layers:
+            layer.compile()
+    return model
+
+
+def bench_train(model: nn.Module, inp: Inputs, device: torch.device, precision: str, warmup: int, iters: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    model.train()
+
+    def step() -> None:
+        with get_autocast(precision, device):
+            img = model.encode_image(inp.images)
+            txt = model.encode_text(inp.tokens, inp.mask)
+            loss = _contrastive(img, txt, model.logit_scale)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return _time(step, device, warmup, iters)
+
+
+@torch.no_grad()
+def bench_encode(model: nn.Module, inp: Inputs, device: torch.device, precision: str, what: str, warmup: int,
+                 iters: int) -> float:
+    model.eval()
+
+    def run() -> None:
+        with get_autocast(precision, device):
+            model.encode_image(inp.images) if what == "image" else model.encode_text(inp.tokens, inp.mask)
+
+    return _time(run, device, warmup, iters)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def run_setting(setting: str, impl: str, args, device: torch.device) -> dict:
+    """Time one (setting, implementation); an out-of-memory error is reported, not raised."""
+    cfg = get_config(args.model, img_size=args.input_size)
+    ckpt = setting == "train_ckpt"
+    batch = {"encode_image": args.encode_batch, "encode_text": args.text_batch}.get(setting, args.batch_size)
+    row = {"setting": setting, "impl": impl, "model": args.model, "img_size": cfg.img_size, "batch": batch,
+           "precision": args.precision, "checkpointing": ckpt, "compile": bool(args.compile and impl == "ours")}
+    _free(device)
+    try:
+        model = build(impl, args.model, device, ckpt, row["compile"], args.input_size)
+        inp = make_inputs(cfg, batch, device)
+        if setting in ("train", "train_ckpt"):
+            t = bench_train(model, inp, device, args.precision, args.warmup, args.iters)
+            row.update(pairs_per_s=batch / t, tflops=batch * pair_flops(cfg) / t / 1e12)
+        elif setting == "encode_image":
+            t = bench_encode(model, inp, device, args.precision, "image", args.warmup, args.iters)
+            row.update(images_per_s=batch / t, tflops=batch * forward_flops(cfg, cfg.num_patches + 1) / t / 1e12)
+        else:
+            t = bench_encode(model, inp, device, args.precision, "text", args.warmup, args.iters)
+            row.update(texts_per_s=batch / t, tflops=batch * forward_flops(cfg, TEXT_LEN) / t / 1e12)
+        row["seconds_per_iter"] = t
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        row["error"] = "out of memory"
+    row["peak_mem_gb"] = _peak_gb(device)
+    model = inp = None  # noqa: F841 (free before the next setting)
+    _free(device)
+    return row
+
+
+@torch.no_grad()
+def run_infer_stage(args, device: torch.device) -> dict:
+    """Two models encode ``--infer_gallery`` images and as many queries, then the chunked top-10 per model."""
+    cfg = get_config(args.model, img_size=args.input_size)
+    n = args.infer_gallery
+    _free(device)
+    models = [build("ours", args.model, device, False, args.compile, args.input_size).eval() for _ in range(2)]
+    inp = make_inputs(cfg, args.encode_batch, device)
+    # warm up once per model (kernels, compile) before the clock starts
+    for m in models:
+        with get_autocast(args.precision, device):
+            m.encode_image(inp.images), m.encode_text(inp.tokens, inp.mask)
+    _sync(device)
+    t0 = time.perf_counter()
+    for m in models:
+        img_feats, txt_feats = [], []
+        for start in range(0, n, args.encode_batch):
+            b = min(args.encode_batch, n - start)
+            with get_autocast(args.precision, device):
+                img_feats.append(m.encode_image(inp.images[:b]).float())
+        for start in range(0, n, args.text_batch):
+            b = min(args.text_batch, n - start)
+            tok, mask = inp.tokens.repeat(math.ceil(args.text_batch / len(inp.tokens)), 1)[:b], \
+                inp.mask.repeat(math.ceil(args.text_batch / len(inp.mask)), 1)[:b]
+            with get_autocast(args.precision, device):
+                txt_feats.append(m.encode_text(tok, mask).float())
+        topk_similarity(torch.cat(txt_feats), torch.cat(img_feats), k=10, device=device)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    row = {"setting": "infer_stage", "impl": "ours", "model": args.model, "img_size": cfg.img_size, "models": 2,
+           "gallery": n, "queries": n, "precision": args.precision, "compile": bool(args.compile),
+           "seconds": seconds, "peak_mem_gb": _peak_gb(device)}
+    models = None  # noqa: F841
+    _free(device)
+    return row
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    peak = matmul_peak(device, args.precision, args.peak_n)
+    rows: list[dict] = []
+    impls = ["ours"] + (["official"] if args.reference == "torchscale" else [])
+    for setting in args.settings:
+        if setting == "infer_stage":
+            rows.append(run_infer_stage(args, device))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        pair = {}
+        for impl in impls:
+            row = run_setting(setting, impl, args, device)
+            if "tflops" in row:
+                row["mfu"] = row["tflops"] * 1e12 / peak
+            pair[impl] = row
+        if "official" in pair:
+            key = next((k for k in ("pairs_per_s", "images_per_s", "texts_per_s") if k in pair["ours"]), None)
+            if key and key in pair["official"]:
+                pair["ours"]["ratio"] = pair["ours"][key] / pair["official"][key]
+        for impl in impls:
+            pair[impl]["peak_tflops"] = peak / 1e12
+            pair[impl]["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            pair[impl]["torch"] = torch.__version__
+            rows.append(pair[impl])
+            print(json.dumps(pair[impl]), flush=True)
+    return rows
+

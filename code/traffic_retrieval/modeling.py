@@ -1,0 +1,314 @@
+"""BEiT-3 for image-text retrieval, written for speed, with the official checkpoint key names.
+
+The network is the "Magneto" multiway transformer of torchscale's ``BEiT3`` as used by the official
+``BEiT3ForRetrieval``: pre-LN layers with Sub-LN (a LayerNorm before ``out_proj`` and inside the FFN), and two
+experts per sublayer, ``A`` for vision and ``B`` for language. Retrieval runs the encoder twice, on the image alone
+(every token through expert A) and on the text alone (expert B), so the towers never attend to each other.
+
+Differences from the official code that do not change the numbers: attention goes through
+``F.scaled_dot_product_attention`` (no explicit score matrix), the expert choice is an argument instead of a
+mutable ``split_position`` attribute, and activation checkpointing uses ``torch.utils.checkpoint``.
+Parameter names and shapes are exactly those of the official state dict (``logit_scale``, ``beit3.*``,
+``language_head.weight``, ``vision_head.weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, replace
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Expert routing for a sequence: every token to A (vision), every token to B (language), or the first k tokens
+# to A and the rest to B (joint image+text input, k = number of vision tokens).
+ALL_VISION = -1
+ALL_TEXT = 0
+POSITION_OFFSET = 2  # fairseq positions start at 2: rows 0 and 1 of both position tables are never used
+
+
+@dataclass(frozen=True)
+class BEiT3Config:
+    """Shape of a BEiT-3 model; the defaults are the official base model at 224 px."""
+
+    img_size: int = 224  # input side in pixels; images must be exactly this size
+    patch_size: int = 16  # side of a square patch in pixels
+    in_chans: int = 3
+    embed_dim: int = 768  # D
+    depth: int = 12  # number of encoder layers
+    num_heads: int = 12
+    mlp_ratio: float = 4.0  # FFN width = D * mlp_ratio
+    vocab_size: int = 64010  # text embedding rows (beit3.spm emits 64002 ids; the 8 extra rows are unused)
+    max_text_positions: int = 1024  # rows of the text position table
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing from 0 at layer 0 to this at the last
+    layernorm_eps: float = 1e-5
+    checkpoint_activations: bool = False  # recompute each layer in backward to save memory
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+
+class Multiway(nn.Module):
+    """Two copies of a module: ``A`` for vision tokens and ``B`` for text tokens (the official ``MultiwayNetwork``)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.A = module
+        self.B = copy.deepcopy(module)  # re-initialised with everything else by BEiT3Retrieval's init
+
+    def forward(self, x: Tensor, split: int) -> Tensor:
+        if split == ALL_VISION:
+            return self.A(x)
+        if split == ALL_TEXT:
+            return self.B(x)
+        # joint input: x is [B, L, D]; the first `split` tokens are vision tokens
+        return torch.cat([self.A(x[:, :split]), self.B(x[:, split:])], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with Sub-LN before the output projection and multiway projections."""
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        # Registration order k, v, q, out_proj, inner_attn_ln gives the official state-dict order.
+        self.k_proj = Multiway(nn.Linear(d, d))
+        self.v_proj = Multiway(nn.Linear(d, d))
+        self.q_proj = Multiway(nn.Linear(d, d))
+        self.out_proj = Multiway(nn.Linear(d, d))
+        self.inner_attn_ln = Multiway(nn.LayerNorm(d, eps=cfg.layernorm_eps))
+
+    def forward(self, x: Tensor, split: int, attn_mask: Tensor | None) -> Tensor:
+        B, L, D = x.shape
+        h = self.num_heads
+        q = self.q_proj(x, split).view(B, L, h, D // h).transpose(1, 2)  # [B, h, L, hd]
+        k = self.k_proj(x, split).view(B, L, h, D // h).transpose(1, 2)
+        v = self.v_proj(x, split).view(B, L, h, D // h).transpose(1, 2)
+        # attn_mask: bool [B, 1, 1, L], True where a key takes part (padded keys are excluded). The default scale
+        # 1/sqrt(head_dim) equals the official q * head_dim**-0.5 applied after the projection.
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, h, L, hd]
+        o = o.transpose(1, 2).reshape(B, L, D)
+        return self.out_proj(self.inner_attn_ln(o, split), split)
+
+
+class FeedForward(nn.Module):
+    """fc1 -> exact GELU -> Sub-LN over the hidden width -> fc2 (torchscale ``FeedForwardNetwork``)."""
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
+        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim, eps=cfg.layernorm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.ffn_layernorm(F.gelu(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: BEiT3Config, drop_path: float) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.self_attn_layer_norm = Multiway(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
+        self.ffn = Multiway(FeedForward(cfg))
+        self.final_layer_norm = Multiway(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
+        # One DropPath for both residual branches, as in the official layer (no parameters, so no key changes).
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, split: int, attn_mask: Tensor | None) -> Tensor:
+        x = x + self.drop_path(self.self_attn(self.self_attn_layer_norm(x, split), split, attn_mask))
+        x = x + self.drop_path(self.ffn(self.final_layer_norm(x, split), split))
+        return x
+
+
+class PositionTable(nn.Module):
+    """A learned absolute position table read from row 2 on (the fairseq offset)."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, dim))
+        nn.init.normal_(self.weight)  # nn.Embedding's default init, as in torchscale
+
+    def forward(self, length: int) -> Tensor:
+        if POSITION_OFFSET + length > self.weight.shape[0]:
+            raise ValueError(f"sequence of {length} tokens exceeds the {self.weight.shape[0] - POSITION_OFFSET} positions")
+        return self.weight[POSITION_OFFSET : POSITION_OFFSET + length]  # [length, D]
+
+
+class PositionEmbeddings(nn.Module):
+    """Multiway position tables: ``A`` for vision (CLS + patches), ``B`` for text."""
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.A = PositionTable(cfg.num_patches + 1 + POSITION_OFFSET, cfg.embed_dim)
+        self.B = PositionTable(cfg.max_text_positions, cfg.embed_dim)
+
+    def forward(self, length: int, split: int) -> Tensor:
+        if split == ALL_VISION:
+            return self.A(length)
+        if split == ALL_TEXT:
+            return self.B(length)
+        return torch.cat([self.A(split), self.B(length - split)], dim=0)  # each segment restarts at row 2
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_positions = PositionEmbeddings(cfg)
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linspace(0, rate, depth)
+        self.layers = nn.ModuleList([EncoderLayer(cfg, dpr[i]) for i in range(cfg.depth)])
+        self.layer_norm = Multiway(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
+        self.checkpoint_activations = cfg.checkpoint_activations
+
+    def forward(self, x: Tensor, split: int, padding_mask: Tensor | None = None) -> Tensor:
+        """x: token embeddings [B, L, D]; padding_mask: [B, L], 1/True at padded positions."""
+        x = x + self.embed_positions(x.shape[1], split).to(x.dtype)
+        attn_mask = None
+        if padding_mask is not None:
+            pad = padding_mask.bool()
+            x = x * (~pad).unsqueeze(-1).to(x.dtype)  # the official code zeroes padded positions
+            attn_mask = (~pad)[:, None, None, :]  # [B, 1, 1, L]
+        for layer in self.layers:
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, split, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, split, attn_mask)
+        return self.layer_norm(x, split)
+
+
+class VisionEmbedding(nn.Module):
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.img_size = cfg.img_size
+        # mask_token is only used in pretraining, but it is part of the official state dict.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"expected images of {self.img_size}x{self.img_size}, got {tuple(images.shape[-2:])}; "
+                "set --input_size to the model's image size"
+            )
+        x = self.proj(images).flatten(2).transpose(1, 2)  # [B, N, D]
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, N+1, D]
+
+
+class BEiT3(nn.Module):
+    """The BEiT-3 backbone (torchscale ``BEiT3``) restricted to what retrieval needs."""
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.text_embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.vision_embed = VisionEmbedding(cfg)
+        self.encoder = Encoder(cfg)
+
+    def forward_image(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] -> final hidden states [B, N+1, D] (expert A)."""
+        return self.encoder(self.vision_embed(images), ALL_VISION)
+
+    def forward_text(self, tokens: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """tokens, padding_mask [B, L] -> final hidden states [B, L, D] (expert B)."""
+        return self.encoder(self.text_embed(tokens), ALL_TEXT, padding_mask)
+
+
+class BEiT3Retrieval(nn.Module):
+    """Dual-encoder retrieval model with the official ``BEiT3ForRetrieval`` state dict.
+
+    ``encode_image`` / ``encode_text`` return L2-normalised features; ``logit_scale`` is the log of the softmax
+    temperature's inverse (ln(1/0.07) at init, trained, not clamped, as in the official code). The contrastive loss
+    lives in :mod:`traffic_retrieval.loss`.
+    """
+
+    def __init__(self, cfg: BEiT3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.beit3 = BEiT3(cfg)
+        self.language_head = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)
+        self.vision_head = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.apply(_init_weights)
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        x = self.vision_head(self.beit3.forward_image(images)[:, 0])  # CLS token -> [B, D]
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: Tensor, padding_mask: Tensor | None = None, normalize: bool = True) -> Tensor:
+        x = self.language_head(self.beit3.forward_text(tokens, padding_mask)[:, 0])  # bos token -> [B, D]
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(
+        self, images: Tensor | None = None, tokens: Tensor | None = None, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Encode whichever inputs are given; returns ``(image_features, text_features)``."""
+        img = self.encode_image(images) if images is not None else None
+        txt = self.encode_text(tokens, padding_mask) if tokens is not None else None
+        return img, txt
+
+    def no_weight_decay(self) -> set[str]:
+        """Exact parameter names that the official recipe excludes from weight decay (besides 1-D and biases)."""
+        return {"beit3.encoder.embed_positions.A.weight", "beit3.vision_embed.cls_token", "logit_scale"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.beit3.encoder.checkpoint_activations = enable
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The official wrapper's init: every Linear trunc_normal(std .02, cut at +-1 std), LayerNorm 1/0."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=m.embedding_dim**-0.5)  # torchscale's text embedding init
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registry. The official configs (beit3.md section 2) plus small ones for tests and the CPU demo.
+
+_BASE = BEiT3Config(embed_dim=768, depth=12, num_heads=12)
+_LARGE = BEiT3Config(embed_dim=1024, depth=24, num_heads=16)
+MODEL_CONFIGS: dict[str, BEiT3Config] = {
+    "beit3_base_patch16_224": replace(_BASE, img_size=224),
+    "beit3_base_patch16_384": replace(_BASE, img_size=384),
+    "beit3_large_patch16_224": replace(_LARGE, img_size=224),
+    "beit3_large_patch16_384": replace(_LARGE, img_size=384),
+    # Tiny configs: not official; for tests (nano) and the from-scratch CPU demo (tiny).
+    "beit3_nano_patch16_32": BEiT3Config(img_size=32, embed_dim=64, depth=2, num_heads=4, vocab_size=1024, max_text_positions=128),
+    "beit3_tiny_patch8_64": BEiT3Config(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, vocab_size=1024, max_text_positions=128),
+}
+
+
+def list_models() -> list[str]:
+    return list(MODEL_CONFIGS)
+
+
+def get_config(name: str, **overrides) -> BEiT3Config:
+    """Config of a registered model; ``name`` may carry the official ``_retrieval`` suffix. ``overrides`` replace
+    fields (e.g. ``img_size``, ``drop_path_rate``, ``checkpoint_activations``)."""
+    key = name.removesuffix("_retrieval")
+    if key not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+    unknown = set(overrides) - set(asdict(MODEL_CONFIGS[key]))
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}")
+    return replace(MODEL_CONFIGS[key], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def create_model(name: str, **overrides) -> BEiT3Retrieval:
+    """Build a registered model with random weights (load weights with :func:`traffic_retrieval.checkpoint.load_weights`)."""
+    return BEiT3Retrieval(get_config(name, **overrides))
+

@@ -1,0 +1,149 @@
+"""The project's BEiT-3 against the official implementation (torchscale 0.3.0): names, shapes and numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from beit3_oracle import OFFICIAL, OfficialRetrieval, encoder_config
+
+from traffic_retrieval.checkpoint import load_weights
+from traffic_retrieval.modeling import create_model, get_config, list_models
+
+TINY = dict(dim=64, layers=2, heads=4, img=32, vocab=100, max_pos=128)
+
+
+def _tiny_pair(seed: int = 0, **kw):
+    """An official tiny model with random weights and the project's model of the same shape."""
+    torch.manual_seed(seed)
+    cfg = {**TINY, **kw}
+    official = OfficialRetrieval(encoder_config(cfg["dim"], cfg["layers"], cfg["heads"], cfg["img"],
+                                                vocab=cfg["vocab"], max_pos=cfg["max_pos"])).eval()
+    # random values everywhere, so that no parameter (LN, biases, logit_scale) is left at a symmetric init
+    with torch.no_grad():
+        for p in official.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 and p.shape[0] == cfg["dim"] else 0.0))
+    ours = create_model("beit3_nano_patch16_32", img_size=cfg["img"], embed_dim=cfg["dim"], depth=cfg["layers"],
+                        num_heads=cfg["heads"], vocab_size=cfg["vocab"], max_text_positions=cfg["max_pos"]).eval()
+    return official, ours
+
+
+def _texts(vocab: int, lengths: list[int], total: int = 64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.ones(len(lengths), total, dtype=torch.long)  # pad id 1
+    mask = torch.ones(len(lengths), total, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        body = torch.randint(4, vocab, (n - 2,), generator=g)
+        tokens[i, :n] = torch.cat([torch.tensor([0]), body, torch.tensor([2])])
+        mask[i, :n] = 0
+    return tokens, mask
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL))
+def test_official_configs_have_official_names_and_shapes(name):
+    dim, layers, heads, img = OFFICIAL[name]
+    with torch.device("meta"):
+        official = OfficialRetrieval(encoder_config(dim, layers, heads, img))
+        ours = create_model(name)
+    theirs = [(k, tuple(v.shape)) for k, v in official.state_dict().items()]
+    mine = [(k, tuple(v.shape)) for k, v in ours.state_dict().items()]
+    assert sorted(mine) == sorted(theirs)
+    # the official BEiT3ForRetrieval yields logit_scale first, then beit3.*, language_head, vision_head
+    assert mine[0][0] == "logit_scale" and mine[-2][0] == "language_head.weight" and mine[-1][0] == "vision_head.weight"
+    assert [k for k, _ in mine[1:-2]] == [k for k in theirs_keys_in_beit3_order(official)]
+    expected_keys = {"beit3_base_patch16_224": 494, "beit3_large_patch16_384": 974}
+    if name in expected_keys:
+        assert len(mine) == expected_keys[name]
+
+
+def theirs_keys_in_beit3_order(official) -> list[str]:
+    return ["beit3." + k for k in official.beit3.state_dict()]
+
+
+def test_parameter_counts_match_published():
+    with torch.device("meta"):
+        n = sum(p.numel() for p in create_model("beit3_large_patch16_384").parameters())
+        b = sum(p.numel() for p in create_model("beit3_base_patch16_224").parameters())
+    assert n == 675_188_737 and b == 222_167_041  # beit3.md section 2
+
+
+@pytest.mark.parametrize("wrapping", ["model", "module", "bare", "fp16"])
+def test_features_match_official_in_every_wrapping(tmp_path, wrapping):
+    official, ours = _tiny_pair()
+    sd = official.state_dict()
+    if wrapping == "fp16":
+        sd = {k: v.half() for k, v in sd.items()}
+        official.load_state_dict({k: v.float() for k, v in sd.items()})  # compare on the same rounded weights
+    obj = {"model": sd, "epoch": 3} if wrapping in ("model", "fp16") else {"module": sd} if wrapping == "module" else sd
+    path = tmp_path / ("checkpoint-3" if wrapping == "module" else "")
+    path.mkdir(exist_ok=True)
+    path = path / ("mp_rank_00_model_states.pt" if wrapping == "module" else "weights.pth")
+    torch.save(obj, path)
+    load_weights(ours, path.parent if wrapping == "module" else path)
+
+    images = torch.randn(3, 3, 32, 32)
+    tokens, mask = _texts(100, [64, 10, 3, 25])
+    with torch.no_grad():
+        img_ours, img_ref = ours.encode_image(images), official.image_features(images)
+        txt_ours, txt_ref = ours.encode_text(tokens, mask), official.text_features(tokens, mask)
+    assert (img_ours - img_ref).abs().max() <= 1e-5
+    assert (txt_ours - txt_ref).abs().max() <= 1e-5
+    assert torch.allclose(img_ours.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert ours.logit_scale.item() == pytest.approx(official.logit_scale.item())
+
+
+def test_text_features_do_not_depend_on_padding():
+    _, ours = _tiny_pair()
+    tokens, mask = _texts(100, [12, 12])
+    short_tokens, short_mask = tokens[:, :16], mask[:, :16]  # same texts, 16 instead of 64 positions
+    garbage = tokens.clone()
+    garbage[mask.bool()] = 57  # other ids at the padded positions
+    with torch.no_grad():
+        a = ours.encode_text(tokens, mask)
+        b = ours.encode_text(short_tokens, short_mask)
+        c = ours.encode_text(garbage, mask)
+    assert (a - b).abs().max() <= 1e-6 and (a - c).abs().max() <= 1e-6
+
+
+def test_checkpointing_and_drop_path_keep_names_and_gradients():
+    plain = create_model("beit3_nano_patch16_32")
+    assert list(plain.state_dict()) == list(
+        create_model("beit3_nano_patch16_32", checkpoint_activations=True, drop_path_rate=0.2).state_dict()
+    )
+    images, (tokens, mask) = torch.randn(2, 3, 32, 32), _texts(1024, [10, 20])
+    grads = []
+    for m in (plain, create_model("beit3_nano_patch16_32", checkpoint_activations=True)):
+        m.load_state_dict(plain.state_dict())
+        m.train()
+        loss = (m.encode_image(images) @ m.encode_text(tokens, mask).T).sum()
+        m.zero_grad()
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k
+    # drop path: a training forward is stochastic, an eval forward is not
+    dp = create_model("beit3_nano_patch16_32", drop_path_rate=0.5)
+    dp.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(dp.train().encode_image(images), dp.encode_image(images))
+        assert torch.equal(dp.eval().encode_image(images), plain.eval().encode_image(images))
+
+
+def test_every_parameter_gets_a_gradient():
+    m = create_model("beit3_nano_patch16_32").train()
+    images, (tokens, mask) = torch.randn(2, 3, 32, 32), _texts(1024, [10, 20])
+    loss = (m.logit_scale.exp() * m.encode_image(images) @ m.encode_text(tokens, mask).T).logsumexp(-1).sum()
+    loss.backward()
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None and "mask_token" not in n]
+    assert no_grad == []  # mask_token is only used in pretraining
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_registry():
+    assert {"beit3_base_patch16_224", "beit3_base_patch16_384", "beit3_large_patch16_224",
+            "beit3_large_patch16_384"} <= set(list_models())
+    assert get_config("beit3_large_patch16_384_retrieval").embed_dim == 1024
+    with pytest.raises(ValueError, match="unknown model"):
+        get_config("beit3_huge")
+    with pytest.raises(ValueError, match="expected images of 32x32"):
+        create_model("beit3_nano_patch16_32").encode_image(torch.randn(1, 3, 64, 64))
