@@ -89,16 +89,35 @@ def encode_images(model: torch.nn.Module, paths: Sequence[Path], transform: Call
 
 
 @torch.no_grad()
-def encode_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 256,
-                 device: torch.device | str = "cpu", precision: str = "fp32", desc: str = "texts") -> torch.Tensor:
-    """Encode texts with ``model.encode_text``; returns [len(texts), D] float32."""
+def encode_token_batches(model: torch.nn.Module, tokens: torch.Tensor, padding_mask: torch.Tensor, *,
+                         batch_size: int = 256, device: torch.device | str = "cpu", precision: str = "fp32",
+                         desc: str | None = None) -> torch.Tensor:
+    """Encode tokenized texts [N, L] in batches of similar length, each trimmed to its longest text.
+
+    Text features do not depend on padding (padded keys are masked; a test checks it), so sorting by length and
+    cutting the common padding gives the same features for a fraction of the FLOPs: traffic queries range from
+    about 8 tokens ("A black BESTUNE Sedan.") to 60 (pedestrian descriptions). Returns [N, D] float32 on ``device``.
+    """
     device = torch.device(device)
     model.eval()
-    out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=f"encode {desc}", unit="batch", leave=False):
-        tokens, mask = tokenizer(list(texts[start : start + batch_size]))
-        with get_autocast(precision, device):
-            f = model.encode_text(tokens.to(device), mask.to(device))
-        out.append(f.float().cpu())
+    lengths = (padding_mask == 0).sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
     dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0
-    return torch.cat(out) if out else torch.empty(0, dim)
+    out = torch.empty(len(tokens), dim, device=device)
+    starts = range(0, len(tokens), batch_size)
+    for start in tqdm(starts, desc=f"encode {desc}", unit="batch", leave=False) if desc else starts:
+        idx = order[start : start + batch_size]
+        n = int(lengths[idx[0]])  # the longest text of this batch (sorted descending)
+        t = tokens[idx, :n].to(device, non_blocking=True)
+        m = padding_mask[idx, :n].to(device, non_blocking=True)
+        with get_autocast(precision, device):
+            out[idx.to(device)] = model.encode_text(t, m).float()
+    return out
+
+
+def encode_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 256,
+                 device: torch.device | str = "cpu", precision: str = "fp32", desc: str = "texts") -> torch.Tensor:
+    """Tokenize and encode texts with ``model.encode_text``; returns [len(texts), D] float32 on the CPU."""
+    tokens, mask = tokenizer(list(texts))
+    return encode_token_batches(model, tokens, mask, batch_size=batch_size, device=device, precision=precision,
+                                desc=desc).cpu()

@@ -113,7 +113,8 @@ def train_sentencepiece(
 
     The demo needs this because ``beit3.spm`` cannot be downloaded here. BPE is the default: on a few thousand
     synthetic captions a unigram model collapsed to about 130 mostly single-character pieces, BPE with 400 did not.
-    ``<pad>``/``<s>``/``</s>`` are switched off in the spm model itself: the fairseq scheme adds its own specials.
+    The spm model reserves ids 0-2 for ``<unk>``, ``<s>``, ``</s>`` as beit3.spm does; the fairseq scheme adds its own
+    ``<pad>``.
     """
     lines = [t.strip() for t in texts if t and t.strip()]
     if not lines:
@@ -130,9 +131,11 @@ def train_sentencepiece(
             vocab_size=vocab_size,
             model_type=model_type,
             character_coverage=1.0,
+            # XLM-R's layout: spm ids 0-2 are <unk>, <s>, </s>, so that after the fairseq +1 shift real pieces start
+            # at id 4 and never collide with the fairseq specials (pad 1, eos 2, unk 3).
             unk_id=0,
-            bos_id=-1,
-            eos_id=-1,
+            bos_id=1,
+            eos_id=2,
             pad_id=-1,
             hard_vocab_limit=False,  # a small corpus may not support the requested size; take what it supports
             minloglevel=2,
