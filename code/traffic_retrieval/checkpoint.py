@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -70,10 +71,22 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace, set]):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        log.warning("%s needs full unpickling (%s); loading it with weights_only=False", p, str(e).splitlines()[0])
-        return torch.load(p, map_location="cpu", weights_only=False)
+        if "Unsupported global" not in str(e):  # a corrupt file, not a legitimate pickle of other objects
+            raise CheckpointError(f"{p}: cannot be read as a PyTorch checkpoint ({_last_line(e)})") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        log.warning("%s holds pickled objects beyond tensors (%s); loading it with weights_only=False: "
+                    "only load checkpoints you trust", p, found.group(1) if found else "unknown class")
+        try:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001 (any unpickling failure means the same to the user)
+            raise CheckpointError(f"{p}: cannot be read as a PyTorch checkpoint ({_last_line(e2)})") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{p}: cannot be read as a PyTorch checkpoint ({e})") from None
+        raise CheckpointError(f"{p}: cannot be read as a PyTorch checkpoint ({_last_line(e)})") from None
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
 
 
 def extract_state_dict(obj: Any, source: str = "checkpoint", model_key: str = "model|module") -> dict[str, Tensor]:

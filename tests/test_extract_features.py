@@ -1,0 +1,63 @@
+"""code/extract_features.py on a tiny checkpoint, a folder with a bad image, and a text file with empty lines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from traffic_retrieval.modeling import create_model
+from traffic_retrieval.tokenizer import Tokenizer
+from traffic_retrieval.transforms import eval_transform
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_spm):
+    torch.manual_seed(0)
+    model = create_model("beit3_nano_patch16_32").eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pth")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("b.jpg", "a.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(imgs / name)
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).convert("L").save(imgs / "c_gray.jpg")
+    (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (imgs / "notes.txt").write_text("not an image")
+    texts = tmp_path / "q.txt"
+    texts.write_bytes("\ufeffA black BESTUNE Sedan.\r\n\r\nA walking man with a backpack.\r\n\n\n".encode())
+    return model, tmp_path
+
+
+def test_writes_normalised_features_equal_to_the_model(setup, tiny_spm, load_script, caplog):
+    model, tmp = setup
+    main = load_script("extract_features")["main"]
+    out = tmp / "out" / "f.npz"
+    main(["--model", "beit3_nano_patch16_32", "--finetune", str(tmp / "ckpt.pth"), "--sentencepiece_model",
+          str(tiny_spm), "--images", str(tmp / "imgs"), "--texts", str(tmp / "q.txt"), "--out", str(out),
+          "--device", "cpu", "--batch_size", "2", "--threads", "1"])
+    f = np.load(out)
+    assert f["image_names"].tolist() == ["a.png", "b.jpg", "c_gray.jpg"]  # broken.jpg reported, notes.txt ignored
+    assert f["texts"].tolist() == ["A black BESTUNE Sedan.", "A walking man with a backpack."]
+    assert f["image_features"].dtype == np.float32 and f["image_features"].shape == (3, 64)
+    assert np.allclose(np.linalg.norm(f["image_features"], axis=1), 1, atol=1e-5)
+    assert np.allclose(np.linalg.norm(f["text_features"], axis=1), 1, atol=1e-5)
+    assert "broken.jpg" in caplog.text and "q.txt:2: empty line" in caplog.text
+    # the same numbers as encoding directly with the eval transform
+    from traffic_retrieval.images import load_rgb
+
+    x = torch.stack([eval_transform(32)(load_rgb(tmp / "imgs" / n)) for n in ("a.png", "b.jpg", "c_gray.jpg")])
+    tokens, mask = Tokenizer(tiny_spm)(f["texts"].tolist())
+    with torch.no_grad():
+        assert np.allclose(f["image_features"], model.encode_image(x).numpy(), atol=1e-5)
+        assert np.allclose(f["text_features"], model.encode_text(tokens, mask).numpy(), atol=1e-5)
+
+
+def test_wrong_checkpoint_is_a_clear_error(setup, tiny_spm, load_script):
+    _, tmp = setup
+    main = load_script("extract_features")["main"]
+    with pytest.raises(SystemExit, match="model size differs"):
+        main(["--model", "beit3_tiny_patch8_64", "--finetune", str(tmp / "ckpt.pth"), "--texts", str(tmp / "q.txt"),
+              "--sentencepiece_model", str(tiny_spm), "--out", str(tmp / "x.npz"), "--device", "cpu"])
+    assert not (tmp / "x.npz").exists()
