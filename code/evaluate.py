@@ -25,7 +25,8 @@ from typing import NoReturn, Sequence
 
 from traffic_retrieval.categories import text_category
 from traffic_retrieval.labels import LabelFormatError, read_ground_truth
-from traffic_retrieval.metrics import METRIC_KEYS, OrderError, score_results
+from traffic_retrieval.encoding import list_images
+from traffic_retrieval.metrics import METRIC_KEYS, OrderError, random_baseline, score_results
 from traffic_retrieval.runtime import setup
 from traffic_retrieval.submission import SubmissionError, load_submission
 
@@ -41,6 +42,7 @@ class Config:
     gt: str  # ground truth, `text$img1$img2...` per line
     json: bool  # print one JSON object instead of a table
     k: int  # the list length a valid submission has (only checked, as a warning: the scorer never truncates)
+    gallery: str | None  # image folder: also report the expected scores of a random ranking of it
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -49,10 +51,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--gt", default="dataset/test/test_gt.txt", help="ground truth: text$img1$img2... per line")
     p.add_argument("--json", action="store_true", help="print one JSON object (fractions in [0, 1])")
     p.add_argument("--k", type=int, default=10, help="expected number of unique names per query (warning only)")
+    p.add_argument("--gallery", default=None,
+                   help="test image folder: also report the random-ranking baseline (key 'random' with --json)")
     a = p.parse_args(argv)
     if a.k < 1:
         p.error(f"--k must be positive, got {a.k}")
-    return Config(results=a.results, gt=a.gt, json=a.json, k=a.k)
+    return Config(results=a.results, gt=a.gt, json=a.json, k=a.k, gallery=a.gallery)
 
 
 def _warn_list_shapes(results: Sequence[tuple[str, list[str]]], k: int) -> None:
@@ -89,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise ValueError(f"{cfg.gt}: the ground truth has no queries")
         categories = [text_category(t) for t, _ in gt]
         scores = score_results(results, gt, categories)
+        if cfg.gallery:
+            names = [p.name for p in list_images(cfg.gallery)]
+            scores["random"] = random_baseline(gt, names, categories, k=cfg.k)
     except OrderError as e:
         _fail(f"{cfg.results}: {e}")
     except (FileNotFoundError, LabelFormatError, SubmissionError, ValueError) as e:
@@ -99,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         counts = {"all": len(gt), **{c: categories.count(c) for c in sorted(set(categories))}}
         print(format_table(scores, counts))
+        if "random" in scores:
+            print("random ranking of the gallery (expected):")
+            print(format_table(scores["random"], counts))
     return scores
 
 

@@ -124,3 +124,18 @@ def test_malformed_results_exits_2(tmp_path, evaluate, capsys):
     bad.write_text('{"results": [{"text": 1}]}', encoding="utf-8")
     err = _run_fail(evaluate, capsys, ["--results", str(bad), "--gt", gt])
     assert "bad.json: result 0: 'text' must be a string" in err
+
+
+def test_gallery_adds_the_random_baseline(tmp_path, evaluate, capsys):
+    from PIL import Image
+
+    gallery = tmp_path / "imgs"
+    gallery.mkdir()
+    for i in range(20):
+        Image.new("RGB", (4, 4)).save(gallery / f"{i}.jpg")
+    res, gt = _write(tmp_path, [f"{CAR1}$3.jpg", f"{PED}$4.jpg"], [(CAR1, _pad(["3.jpg"])), (PED, _pad([]))])
+    evaluate["main"](["--results", res, "--gt", gt, "--json", "--gallery", str(gallery)])
+    out = json.loads(capsys.readouterr().out)
+    # one relevant image among 20, 10 drawn at random: R@10 = 1/2 in expectation
+    assert 0.25 < out["random"]["r10"] < 0.75 and set(out["random"]) >= {"car", "people"}
+    assert out["official_map10"] == pytest.approx(0.5)

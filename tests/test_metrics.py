@@ -191,3 +191,17 @@ def test_vectorised_hand_case_and_short_lists():
 def test_vectorised_bad_shapes():
     with pytest.raises(ValueError, match=r"\[Q=2, G\]"):
         retrieval_metrics(torch.zeros(2, 10, dtype=torch.long), torch.zeros(3, 5, dtype=torch.bool))
+
+
+def test_random_baseline_matches_closed_form():
+    from traffic_retrieval.metrics import random_baseline
+
+    # one relevant image among 20, 10 drawn at random: R@10 = P(hit in top 10) = 10/20; official AP given a hit at
+    # rank r is 1/r, so official mAP = (1/20) * sum_{r=1..10} 1/r
+    gallery = [f"{i}.jpg" for i in range(20)]
+    gt = [("q", ["3.jpg"])]
+    base = random_baseline(gt, gallery, trials=4000, seed=1)
+    assert abs(base["r10"] - 0.5) < 0.03
+    assert abs(base["official_map10"] - sum(1 / r for r in range(1, 11)) / 20) < 0.02
+    cats = random_baseline(gt * 2, gallery, categories=["car", "people"], trials=10)
+    assert set(cats) >= {"car", "people", "official_map10"}

@@ -16,7 +16,8 @@ a relevance matrix or function (what training-time validation has) and gives the
 from __future__ import annotations
 
 import logging
-from typing import Callable, Collection, Iterable, Sequence
+import random
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import torch
 
@@ -275,4 +276,30 @@ def score_results(
         for cat in sorted(set(categories)):
             idx = [i for i, c in enumerate(categories) if c == cat]
             out[cat] = _list_metrics([results[i] for i in idx], [gt[i] for i in idx])
+    return out
+
+
+def random_baseline(
+    gt: Sequence[tuple[str, Collection[str]]],
+    gallery: Sequence[str],
+    categories: Sequence[str] | None = None,
+    k: int = 10,
+    trials: int = 20,
+    seed: int = 0,
+) -> dict[str, float | dict[str, float]]:
+    """Expected metrics of a random ranking: ``k`` distinct gallery images drawn uniformly per query, averaged over
+    ``trials`` seeded draws. The reference a trained model is compared with."""
+    if len(gallery) < k:
+        raise ValueError(f"the gallery has {len(gallery)} images, fewer than k={k}")
+    rng = random.Random(seed)
+    pool = list(gallery)
+    runs = [score_results([(t, rng.sample(pool, k)) for t, _ in gt], gt, categories) for _ in range(trials)]
+    return _mean_scores(runs)
+
+
+def _mean_scores(runs: Sequence[Mapping]) -> dict:
+    out: dict = {}
+    for key, value in runs[0].items():
+        out[key] = _mean_scores([r[key] for r in runs]) if isinstance(value, Mapping) else \
+            sum(r[key] for r in runs) / len(runs)
     return out
