@@ -1,0 +1,328 @@
+"""Tests of the detection cleaning stage (traffic_retrieval.cleaning, train_det_cls.py, val_det_cls.py).
+
+Every test runs the shipped demo detector (model_pth/demo) on small generated data; none fakes the detector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from traffic_retrieval.categories import CATEGORIES, split_coded_name, text_category
+from traffic_retrieval.cleaning import CleaningResult, clean_split, parse_args
+from traffic_retrieval.detection import (
+    DEMO_DET_CHECKPOINT,
+    DEMO_DET_CONFIG,
+    RTMDET_L_CHECKPOINT_NAME,
+    BatchDetector,
+    Detection,
+    load_detector,
+)
+from traffic_retrieval.labels import read_label_file_strict
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / DEMO_DET_CONFIG)
+CHECKPOINT = str(REPO / DEMO_DET_CHECKPOINT)
+
+KEPT_REASONS = {"detected category agrees with the caption", "undetected, kept under the caption's category"}
+
+
+class Counting:
+    """The real detector, counting the images it is given; ``fail_after`` batches it raises (an interruption)."""
+
+    def __init__(self, inner: BatchDetector, fail_after: int | None = None) -> None:
+        self.inner, self.fail_after = inner, fail_after
+        self.calls = self.images = 0
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("interrupted by the test")
+        self.calls += 1
+        self.images += len(images)
+        return self.inner(images)
+
+
+@pytest.fixture(scope="module")
+def detector() -> BatchDetector:
+    return BatchDetector(load_detector(CONFIG, CHECKPOINT, "cpu"))
+
+
+def run(data: Path, split: str = "train", *extra: str, detector=None, checkpoint: str = CHECKPOINT) -> CleaningResult:
+    cfg = parse_args(["--data_path", str(data), "--det_config", CONFIG, "--det_checkpoint", checkpoint, *extra],
+                     split=split)
+    return clean_split(cfg, detector=detector)
+
+
+def report(data: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (data / f"det_{split}_report.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def originals_unchanged(before: dict[str, str], after: dict[str, str]) -> None:
+    assert {k: after.get(k) for k in before} == before
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+def test_end_to_end_then_resume_from_cache(dataset_copy: Path, hash_tree, detector: BatchDetector) -> None:
+    data = dataset_copy / "train"
+    before = hash_tree(data)
+    counter = Counting(detector)
+    res = run(data, "train", "--batch_size", "5", detector=counter)
+    assert counter.images == 24 and counter.calls == 5
+    assert res.n_detected == 24 and res.n_cached == 0
+
+    original = {r.name: r for r in read_label_file_strict(data / "train_label.txt")}
+    cleaned = read_label_file_strict(data / "fliter_train_labels.txt")
+    rows = report(data, "train")
+    assert [r["line_no"] for r in rows] == list(range(1, 25))
+    kept = [r for r in rows if r["decision"] == "kept"]
+    assert len(cleaned) == len(kept) == sum(res.kept.values()) >= 20
+    assert all(r["reason"] in KEPT_REASONS for r in kept)
+    agree = [r for r in kept if r["reason"] == "detected category agrees with the caption"]
+    assert len(agree) >= 18  # the shipped detector sees most tiny images
+    for r in rows:
+        assert set(r["best_scores"]) == set(CATEGORIES) and r["caption_category"] in CATEGORIES
+        assert r["from_cache"] is False
+
+    # sorted: vehicles first, then people, each by original name; names coded by the caption's category
+    keys = [(CATEGORIES.index(split_coded_name(r.name)[0]), split_coded_name(r.name)[1]) for r in cleaned]
+    assert keys == sorted(keys) and keys[0][0] == 0 and keys[-1][0] == 1
+    image_dir = data / "train_images"
+    for rec in cleaned:
+        category, name = split_coded_name(rec.name)
+        assert category == text_category(rec.caption)
+        assert (rec.attribute, rec.caption) == (original[name].attribute, original[name].caption)
+        link = image_dir / rec.name
+        assert link.is_symlink() and os.readlink(link) == name  # relative, into the same folder
+        assert link.read_bytes() == (image_dir / name).read_bytes()
+    originals_unchanged(before, hash_tree(data))
+    summary = (data / "det_train_report.txt").read_text()
+    assert "lines: 24" in summary and "images detected in this run: 24; from the cache: 0" in summary
+
+    # second run: everything from the cache, the detector is never called, same outputs
+    first = (data / "fliter_train_labels.txt").read_bytes()
+    counter2 = Counting(detector)
+    res2 = run(data, "train", detector=counter2)
+    assert counter2.calls == 0 and res2.n_detected == 0 and res2.n_cached == 24
+    assert (data / "fliter_train_labels.txt").read_bytes() == first
+    assert all(r["from_cache"] for r in report(data, "train"))
+    assert [r["link"] for r in report(data, "train") if r["decision"] == "kept"] == ["symlink (existing)"] * len(kept)
+    # without an injected detector a fully cached run loads no model either, and another threshold needs no detection
+    res3 = run(data, "train", "--score_thr", "0.9")
+    assert res3.n_detected == 0 and res3.n_cached == 24
+    originals_unchanged(before, hash_tree(data))
+
+
+def test_mismatch_is_dropped_and_its_old_link_removed(dataset_copy: Path, detector: BatchDetector) -> None:
+    data = dataset_copy / "train"
+    run(data, "val", detector=detector)
+    rows = report(data, "val")
+    best = {c: max((r for r in rows if r["detected"] == c == r["caption_category"]),
+                   key=lambda r: r["best_scores"][c]) for c in CATEGORIES}
+    car_name, person_name = best["car"]["name"], best["people"]["name"]
+    assert (data / "val_images" / f"car_{car_name}").is_symlink()
+    # the test (not the stage) puts a pedestrian picture under a vehicle caption
+    shutil.copyfile(data / "val_images" / person_name, data / "val_images" / car_name)
+    counter = Counting(detector)
+    res = run(data, "val", detector=counter)
+    assert counter.images == 1  # only the changed file is detected again
+    row = next(r for r in report(data, "val") if r["name"] == car_name)
+    assert row["decision"] == "dropped" and row["reason"] == "image looks like people, caption is about car"
+    assert row["detected"] == "people" and row["caption_category"] == "car"
+    assert not (data / "val_images" / f"car_{car_name}").exists()  # our stale link is gone
+    assert car_name not in {split_coded_name(r.name)[1] for r in read_label_file_strict(data / "fliter_val_labels.txt")}
+    assert res.reasons["dropped: image looks like people, caption is about car"] == 1
+
+
+def test_interrupted_run_resumes_and_new_detector_invalidates(dataset_copy: Path, detector: BatchDetector,
+                                                              tmp_path: Path) -> None:
+    data = dataset_copy / "train"
+    ckpt = tmp_path / "det.pth"
+    shutil.copy2(CHECKPOINT, ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, "val", "--batch_size", "4", detector=Counting(detector, fail_after=1), checkpoint=str(ckpt))
+    assert len((data / "det_val_cache.jsonl").read_text().splitlines()) == 4
+    assert not (data / "fliter_val_labels.txt").exists()  # outputs are written only at the end
+    counter = Counting(detector)
+    run(data, "val", "--batch_size", "4", detector=counter, checkpoint=str(ckpt))
+    assert counter.images == 8
+    os.utime(ckpt, ns=(1_000_000_000, 1_000_000_000))  # "another" checkpoint: the cache no longer applies
+    counter = Counting(detector)
+    res = run(data, "val", detector=counter, checkpoint=str(ckpt))
+    assert counter.images == 12 and res.n_cached == 0
+    assert len((data / "det_val_cache.jsonl").read_text().splitlines()) == 12
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+@pytest.fixture()
+def bad_split(tiny_dataset: Path, tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    """A val split with every kind of bad input; returns the folder and the line number of each case."""
+    src = read_label_file_strict(tiny_dataset / "train" / "val_label.txt")
+    cars = [r for r in src if text_category(r.caption) == "car"]
+    people = [r for r in src if text_category(r.caption) == "people"]
+    src_dir = tiny_dataset / "train" / "val_images"
+    data = tmp_path / "bad"
+    images = data / "val_images"
+    images.mkdir(parents=True)
+    for r in (cars[0], people[0]):
+        shutil.copy2(src_dir / r.name, images / r.name)
+    raw = (src_dir / cars[1].name).read_bytes()
+    (images / "trunc.jpg").write_bytes(raw[: len(raw) // 2])
+    Image.open(src_dir / people[1].name).convert("CMYK").save(images / "cmyk.jpg", format="JPEG")
+    Image.open(src_dir / cars[2].name).convert("L").save(images / "gray.jpg", format="JPEG")
+    Image.open(src_dir / people[2].name).save(images / "png.jpg", format="PNG")
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("not an image")
+
+    def line(name: str, rec) -> bytes:
+        return f"{name}${rec.attribute}${rec.caption}".encode()
+
+    cases = [
+        ("car_ok", line(cars[0].name, cars[0])),
+        ("people_ok", line(people[0].name, people[0])),
+        ("missing", line("nothere.jpg", cars[3])),
+        ("truncated", line("trunc.jpg", cars[1])),
+        ("cmyk", line("cmyk.jpg", people[1])),
+        ("gray", line("gray.jpg", cars[2])),
+        ("png", line("png.jpg", people[2])),
+        ("empty_file", line("empty.jpg", cars[4])),
+        ("not_image", line("text.jpg", cars[4])),
+        ("fields", b"a.jpg$only two fields"),
+        ("blank", b"   "),  # a blank line in the middle
+        ("duplicate", line(cars[0].name, cars[0])),
+        ("not_utf8", b"bad\xff.jpg$white Audi.$This is a white Audi."),
+        ("attribute", f"{people[0].name.replace('.jpg', 'x.jpg')}$white Audi Sedan.${people[0].caption}".encode()),
+        ("path", line("../escape.jpg", cars[0])),
+    ]
+    body = b"\r\n".join(c[1] for c in cases) + b"\r\n\r\n\r\n"  # CRLF, two trailing blank lines
+    (data / "val_label.txt").write_bytes(b"\xef\xbb\xbf" + body)  # and a BOM
+    return data, {name: i for i, (name, _) in enumerate(cases, start=1)}
+
+
+def test_bad_inputs_are_reported_and_nothing_is_changed(bad_split, hash_tree, detector: BatchDetector) -> None:
+    data, at = bad_split
+    before = hash_tree(data)
+    res = run(data, "val", detector=detector)
+    rows = {r["line_no"]: r for r in report(data, "val")}
+    assert sorted(rows) == list(range(1, len(at) + 1))  # one row per input line; trailing blanks are not lines
+
+    def row(case: str) -> dict:
+        return rows[at[case]]
+
+    expected_drops = {
+        "missing": "image missing",
+        "truncated": "image truncated",
+        "empty_file": "image empty file",
+        "not_image": "image unreadable",
+        "duplicate": "duplicate image name",
+        "not_utf8": "bad line: not valid UTF-8",
+        "attribute": "caption is about people but the attribute is a car attribute",
+        "path": "image name is not a plain file name",
+        "blank": "bad line: blank line",
+    }
+    for case, reason in expected_drops.items():
+        assert (row(case)["decision"], row(case)["reason"]) == ("dropped", reason), case
+    assert row("fields")["reason"].startswith("bad line: expected 3 '$'-separated fields")
+    assert "nothere.jpg" in row("missing")["detail"]
+    # readable but unusual images are converted, detected and noted
+    notes = {"cmyk": "CMYK image converted to RGB", "gray": "L image converted to RGB",
+             "png": "PNG data under a .jpg name"}
+    for case, note in notes.items():
+        r = row(case)
+        assert r["image_note"] == note and r["best_scores"] is not None, r
+        assert r["detected"] in (r["caption_category"], None) or r["reason"].startswith("image looks like"), r
+    for case in ("car_ok", "people_ok"):
+        assert row(case)["decision"] == "kept" and row(case)["reason"] in KEPT_REASONS
+    assert res.input_notes == ["UTF-8 byte-order mark ignored", "CRLF line ends accepted",
+                               "2 trailing blank line(s) ignored"]
+    summary = (data / "det_val_report.txt").read_text()
+    assert "input: CRLF line ends accepted" in summary and "       1  image truncated" in summary
+    cleaned = read_label_file_strict(data / "fliter_val_labels.txt")
+    assert {split_coded_name(r.name)[1] for r in cleaned} >= {row("car_ok")["name"], row("people_ok")["name"]}
+    assert not (data / "fliter_val_labels.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    assert b"\r" not in (data / "fliter_val_labels.txt").read_bytes()
+    originals_unchanged(before, hash_tree(data))
+    assert not (data.parent / "escape.jpg").exists()
+
+
+def test_links_never_replace_user_files_and_undetected_rule(bad_split, hash_tree, detector: BatchDetector) -> None:
+    data, at = bad_split
+    images = data / "val_images"
+    lines = (data / "val_label.txt").read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\r\n")
+    car_line, people_line = lines[at["car_ok"] - 1], lines[at["people_ok"] - 1]
+    car_name = car_line.split(b"$")[0].decode()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(images / "blank.jpg", format="JPEG")  # nothing to detect
+    (images / f"car_{car_name}").write_bytes(b"the user's own file")  # the name our link would take
+    (data / "val_label.txt").write_bytes(
+        b"\n".join([car_line, people_line, b"blank.jpg$white Audi Sedan.$This is a white Audi Sedan."]) + b"\n")
+    before = hash_tree(data)
+
+    run(data, "val", detector=detector)
+    rows = report(data, "val")
+    assert rows[0]["decision"] == "dropped" and rows[0]["reason"] == "link name taken by another file"
+    assert (images / f"car_{car_name}").read_bytes() == b"the user's own file"
+    assert rows[1]["decision"] == "kept"
+    assert (rows[2]["decision"], rows[2]["reason"], rows[2]["detected"]) == (
+        "kept", "undetected, kept under the caption's category", None)
+    assert (images / "car_blank.jpg").is_symlink()
+
+    run(data, "val", "--no-keep_undetected", detector=detector)
+    rows = report(data, "val")
+    assert (rows[2]["decision"], rows[2]["reason"]) == ("dropped", "undetected")
+    assert not (images / "car_blank.jpg").exists()  # our link of the previous run is removed
+    assert [split_coded_name(r.name)[1] for r in read_label_file_strict(data / "fliter_val_labels.txt")] == [
+        people_line.split(b"$")[0].decode()]
+    originals_unchanged(before, hash_tree(data))
+
+
+def test_empty_split(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "val_images").mkdir(parents=True)
+    (data / "val_label.txt").write_bytes(b"")
+    res = run(data, "val")
+    assert res.n_lines == 0 and res.kept == {} and res.dropped == 0
+    assert (data / "fliter_val_labels.txt").read_bytes() == b""
+    assert (data / "det_val_report.jsonl").read_bytes() == b""
+    assert "empty split" in (data / "det_val_report.txt").read_text()
+    assert (data / "val_label.txt").read_bytes() == b""
+
+
+# ------------------------------------------------------------------------------------------------- the scripts
+def test_scripts_share_one_module_and_differ_only_in_split(dataset_copy: Path) -> None:
+    train = runpy.run_path(str(REPO / "train_det_cls.py"), run_name="train_det_cls_under_test")
+    val = runpy.run_path(str(REPO / "val_det_cls.py"), run_name="val_det_cls_under_test")
+    assert train["parse_args"]([]).split == "train" and val["parse_args"]([]).split == "val"
+    cfg = val["parse_args"]([])
+    assert cfg.data_path == Path("dataset/train") and cfg.score_thr == 0.3 and cfg.keep_undetected
+    assert cfg.det_checkpoint == f"model_pth/{RTMDET_L_CHECKPOINT_NAME}" and cfg.det_config.startswith("mmdet::")
+    res = val["main"](["--data_path", str(dataset_copy / "train"), "--det_config", CONFIG,
+                       "--det_checkpoint", CHECKPOINT, "--threads", "1"])
+    assert res.split == "val" and res.n_lines == 12
+    assert (dataset_copy / "train" / "fliter_val_labels.txt").is_file()
+    with pytest.raises(SystemExit):
+        val["parse_args"](["--score_thr", "0"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data_path", "no/such/dir"], "val_label.txt not found"),
+        (["--det_checkpoint", "no/such.pth"], RTMDET_L_CHECKPOINT_NAME),
+    ],
+)
+def test_script_errors_are_one_clear_line(args: list[str], message: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "train"
+    shutil.copytree(tiny_dataset / "train", data)
+    proc = subprocess.run([sys.executable, str(REPO / "val_det_cls.py"), "--data_path", str(data), *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,27 @@
+"""Stage 1 for the val split: clean val_label.txt with RTMDet (people or car per image) and code the names.
+
+Writes fliter_val_labels.txt, val_images/<category>_<name> links, det_val_report.{jsonl,txt} and
+det_val_cache.jsonl into --data_path; the rule and the formats are in traffic_retrieval.cleaning.
+
+Example (the demo detector on the synthetic data):
+    python val_det_cls.py --data_path dataset/demo/train \
+        --det_config model_pth/demo/rtmdet_tiny_demo.py --det_checkpoint model_pth/demo/rtmdet_tiny_demo.pth
+"""
+
+from __future__ import annotations
+
+from traffic_retrieval import cleaning
+
+SPLIT = "val"
+
+
+def parse_args(argv: list[str] | None = None) -> cleaning.CleaningConfig:
+    return cleaning.parse_args(argv, split=SPLIT)
+
+
+def main(argv: list[str] | None = None) -> cleaning.CleaningResult:
+    return cleaning.main(argv, split=SPLIT)
+
+
+if __name__ == "__main__":
+    main()
