@@ -156,3 +156,23 @@ def test_check_image_and_load_rgb(tmp_path: Path) -> None:
     assert check_image(tmp_path / "text.jpg").startswith("unreadable")
     with pytest.raises(ImageReadError, match=r"trunc\.jpg: truncated"):
         load_rgb(tmp_path / "trunc.jpg")
+
+
+def test_detect_classifies_test_images_with_the_shipped_detector(dataset_copy: Path, tiny_spm: Path, script) -> None:
+    from traffic_retrieval.detection import DEMO_DET_CHECKPOINT, DEMO_DET_CONFIG, load_true_categories
+
+    root = Path(__file__).resolve().parents[1]
+    test_dir = dataset_copy / "test"
+    args = ("--detect", "--det_config", str(root / DEMO_DET_CONFIG), "--det_checkpoint", str(root / DEMO_DET_CHECKPOINT))
+    summary = _run(script, test_dir, tiny_spm, *args)
+    truth = {Path(k).name: v for k, v in load_true_categories(dataset_copy / "annotations" / "test_boxes.json").items()}
+    written = dict(line.split("$") for line in (test_dir / "test_image_categories.txt").read_text().splitlines())
+    rows = {Path(r["image_path"]).name: r["category"] for r in _jsonl(test_dir / "flickr30k.test.jsonl")}
+    assert rows == {n: written.get(n) for n in rows}  # the index carries what the detector decided
+    correct = sum(written.get(n) == c for n, c in truth.items())
+    assert correct >= 0.9 * len(truth), (correct, len(truth))
+    assert sum(summary["images"].values()) == 16
+    # a second run is served from the cache: no detector is loaded
+    cache = (test_dir / "det_test_cache.jsonl").read_text()
+    _run(script, test_dir, tiny_spm, *args)
+    assert (test_dir / "det_test_cache.jsonl").read_text() == cache

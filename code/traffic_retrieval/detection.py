@@ -661,3 +661,53 @@ def evaluate_accuracy(
     n = len(names)
     return {"n": n, "correct": correct, "accuracy": correct / n if n else math.nan, "confusion": confusion,
             "wrong": wrong}
+
+
+# ------------------------------------------------------------------------------------------------- test images
+def classify_images(
+    image_dir: str | os.PathLike,
+    names: Sequence[str],
+    config: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    device: str = "cpu",
+    score_thr: float = DEFAULT_SCORE_THR,
+    batch_size: int = 8,
+    cache_path: str | os.PathLike | None = None,
+) -> dict[str, str | None]:
+    """Category of each image by the decision rule (None = undetected or unreadable), with the resumable cache.
+
+    Used for test galleries, whose file names need not reveal the category: ``code/jsonl_test.py --detect``.
+    """
+    from tqdm import tqdm
+
+    from .images import load_rgb
+
+    image_dir = Path(image_dir)
+    cache = DetectionCache(cache_path, detector_fingerprint(config, checkpoint)) if cache_path else None
+    out: dict[str, str | None] = {}
+    todo: list[str] = []
+    for n in names:
+        hit = cache.get(n, image_key(image_dir / n)) if cache else None
+        if hit is not None:
+            out[n] = decide_category(hit.detections, score_thr).category
+        else:
+            todo.append(n)
+    detector = BatchDetector(load_detector(config, checkpoint, device)) if todo else None
+    for start in tqdm(range(0, len(todo), batch_size), desc="detect test images", unit="batch"):
+        chunk, images = [], []
+        for n in todo[start:start + batch_size]:
+            try:
+                images.append(rgb_to_bgr(load_rgb(image_dir / n)))
+                chunk.append(n)
+            except ValueError as e:  # unreadable: no category, reported once
+                log.warning("%s: not classified (%s)", image_dir / n, e)
+                out[n] = None
+        dets = detector(images) if images else []
+        for n, d in zip(chunk, dets):
+            out[n] = decide_category(d, score_thr).category
+        if cache:
+            cache.add_many((n, image_key(image_dir / n), CachedImage(d, None)) for n, d in zip(chunk, dets))
+    log.info("classified %d test images (%d from the cache): %d car, %d people, %d undetected", len(out),
+             len(names) - len(todo), sum(c == "car" for c in out.values()), sum(c == "people" for c in out.values()),
+             sum(c is None for c in out.values()))
+    return out
