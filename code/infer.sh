@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Stage 5: the submission. Runs code/infer.py with the paths below; override any of them from the environment,
+# e.g.  NGPU=2 CKPT_CAR=code/pt_out_car/checkpoint-16 bash code/infer.sh --eval
+# Extra arguments are passed through to infer.py. Run from the repository root.
+set -euo pipefail
+
+DATA_PATH=${DATA_PATH:-dataset/test}
+SPM=${SPM:-model_pth/beit3.spm}
+CKPT_CAR=${CKPT_CAR:-code/pt_out_car/checkpoint-best}
+CKPT_PEOPLE=${CKPT_PEOPLE:-code/pt_out_people/checkpoint-best}
+MODEL=${MODEL:-beit3_large_patch16_384}
+INPUT_SIZE=${INPUT_SIZE:-384}
+NGPU=${NGPU:-1}
+OUTPUT_DIR=${OUTPUT_DIR:-code}
+PYTHON=${PYTHON:-python}
+
+ARGS=(
+    --model "$MODEL"
+    --input_size "$INPUT_SIZE"
+    --task flickr30k
+    --batch_size 64
+    --sentencepiece_model "$SPM"
+    --finetune_car "$CKPT_CAR"
+    --finetune_people "$CKPT_PEOPLE"
+    --data_path "$DATA_PATH"
+    --output_dir "$OUTPUT_DIR"
+)
+
+if [ "$NGPU" -gt 1 ]; then
+    exec torchrun --nproc_per_node="$NGPU" code/infer.py "${ARGS[@]}" --dist_eval "$@"
+else
+    exec "$PYTHON" code/infer.py "${ARGS[@]}" "$@"
+fi

@@ -1,0 +1,105 @@
+"""Search any image folder with text queries and write an HTML contact sheet of the results.
+
+Reads:  ``--images`` (every image directly inside the folder), ``--query TEXT`` or ``--queries FILE`` (one query per
+        line), a checkpoint (``--finetune``), the sentencepiece model, optionally ``--gt`` (``text$img1$img2...`` per
+        line) to mark hits and misses and compute each query's AP.
+Writes: the gallery features in ``--cache_dir`` (reused on the next call while nothing changed), and the HTML page
+        (``--html``; thumbnails embedded, so the page can be moved). Prints the top k of each query with scores.
+
+Example:
+    python code/search.py --images dataset/test/test_images --query "A black Volkswagen Sedan." \\
+        --model beit3_large_patch16_384 --finetune code/pt_out_car/checkpoint-best --html runs/search.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from traffic_retrieval import runtime
+from traffic_retrieval.checkpoint import CheckpointError
+from traffic_retrieval.modeling import list_models
+from traffic_retrieval.precision import PRECISIONS
+from traffic_retrieval.search import (
+    QueryResult,
+    build_searcher,
+    default_cache_dir,
+    format_results,
+    mark_hits,
+    read_queries,
+    read_relevance,
+    write_html,
+)
+
+log = logging.getLogger("search")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", required=True, help="folder of images to search")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--query", help="one query text")
+    q.add_argument("--queries", help="text file, one query per line")
+    p.add_argument("--model", default="beit3_large_patch16_384", choices=list_models(), help="(default: %(default)s)")
+    p.add_argument("--finetune", required=True, help="checkpoint: a .pth file or a DeepSpeed checkpoint directory")
+    p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm", help="(default: %(default)s)")
+    p.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
+    p.add_argument("--output_dir", default=None,
+                   help="folder for the page (search.html) and the cache (cache/), unless --html/--cache_dir say else")
+    p.add_argument("--cache_dir", default=None,
+                   help="gallery feature cache (default: <output_dir>/cache, else <images>/../.search_cache)")
+    p.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
+    p.add_argument("--html", default=None, help="contact sheet to write (default: <output_dir>/search.html, "
+                                                "else search.html)")
+    p.add_argument("--title", default=None, help="page title (default: the folder and model)")
+    p.add_argument("--gt", default=None, help="ground truth, text$img1$img2... per line, to mark hits and misses")
+    p.add_argument("--input_size", type=int, default=None, help="image side (default: the model's)")
+    p.add_argument("--pad", type=int, default=None,
+                   help="black pixels padded left and right of each image (default: the padding the checkpoint "
+                        "was validated with, else 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--batch_size", type=int, default=64, help="images per batch (default: %(default)s)")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
+    args = p.parse_args(argv)
+    if args.k < 1 or args.batch_size < 1:
+        p.error("--k and --batch_size must be positive")
+    if args.pad is not None and args.pad < 0:
+        p.error("--pad must be >= 0")
+    if args.query is not None and not args.query.strip():
+        p.error("--query is empty")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[QueryResult]:
+    args = parse_args(argv)
+    runtime.setup(args.threads)
+    html_path = Path(args.html) if args.html else Path(args.output_dir or ".") / "search.html"
+    try:
+        queries = [args.query] if args.query is not None else read_queries(args.queries)
+        relevance = read_relevance(args.gt) if args.gt else None
+        searcher = build_searcher(
+            args.images, args.model, args.finetune, args.sentencepiece_model,
+            cache_dir=args.cache_dir or default_cache_dir(args.images, args.output_dir), use_cache=not args.no_cache,
+            input_size=args.input_size, device=args.device, precision=args.precision, batch_size=args.batch_size,
+            num_workers=args.num_workers, pad=args.pad)
+        results = searcher.search(queries, args.k)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise SystemExit(f"search.py: error: {e}") from None
+    if relevance is not None:
+        mark_hits(results, relevance)
+        unknown = sum(r.official_ap is None for r in results)
+        if unknown:
+            log.warning("%d of %d queries are not in the ground truth %s: no hit marks for them", unknown,
+                        len(results), args.gt)
+    title = args.title or f"{Path(args.images).name}: {args.model}"
+    write_html(html_path, results, title, searcher.info)
+    print(format_results(results))
+    print(f"\ncontact sheet: {html_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

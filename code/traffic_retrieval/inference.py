@@ -1,0 +1,661 @@
+"""Stage 5: rank the test gallery for every query with one fine-tuned model per category, and write the submission.
+
+Reads (``data_path``, as written by ``code/jsonl_test.py``; formats in :mod:`traffic_retrieval.indexing`):
+``test_text.txt``, ``test.txt``, ``test_order.json``, ``<task>.test.jsonl`` (the gallery, with an optional image
+``category``), ``<task>.test_queries.jsonl`` (each query with its category and token ids) and ``test_images/``; one
+checkpoint per category that has queries.
+
+Writes (``output_dir``), every file atomically and every submission validated first:
+
+- ``infer_json_car.json`` / ``infer_json_people.json``: that category's queries only, in test_text.txt order;
+- ``infer_json_all.json``: every query in test_text.txt order, texts character for character (the submission);
+- ``cache/gallery_<category>.pt``: the gallery features of that category's model (see :func:`encode_gallery`);
+- ``infer_metrics.json`` (with ``evaluate``): the metrics of ``infer_json_all.json`` against the ground truth.
+
+What the 4th place's ``infer.py`` did differently (challenge.md section 4), and why this is better: it assumed the
+car queries come first and concatenated by a count (here every query keeps its own original index, whatever the
+order of test_text.txt); it built the full text x image matrix (here a chunked running top-k); it filled the other
+category's queries with placeholder lists (here each category file holds only its own queries); and it wrote the
+files unvalidated.
+
+Framing: each model sees the gallery as it saw its validation images: the side padding (``people_pad``) is read
+from the training config the checkpoint carries (``args``), unless given; a checkpoint fine-tuned on the other
+category is warned about (the 4th place's infer.sh passed the car checkpoint for both models).
+
+Scale: each model encodes each gallery image once (features cached per model and per image, so an interrupted run
+re-encodes only what is missing), under bf16/fp16 autocast on the GPU; with ``dist_eval`` every rank encodes a
+contiguous shard of the gallery and of the queries and the features are gathered in order, so the result equals a
+single-process run; rank 0 ranks and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .categories import CATEGORIES
+from .checkpoint import (
+    POS_KEY,
+    CheckpointError,
+    check_state_dict,
+    extract_state_dict,
+    interpolate_pos_embed,
+    load_checkpoint_file,
+    resolve_checkpoint_path,
+)
+from .distributed import all_gather_concat, barrier, get_rank, get_world_size, is_main_process
+from .encoding import ImageFeatures, encode_images, encode_token_batches
+from .fileio import torch_save, write_json
+from .indexing import TEST_IMAGE_DIR
+from .labels import read_ground_truth, read_test_text
+from .metrics import score_results
+from .modeling import BEiT3Retrieval, create_model
+from .precision import get_autocast
+from .retrieval import FaissIndex, topk_similarity
+from .runtime import resolve_device
+from .submission import write_submission
+from .tokenizer import Tokenizer, batch_inputs
+from .transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+TASKS = ("flickr30k",)
+
+
+class InferenceError(ValueError):
+    """Input that inference cannot use (stale or missing index, missing checkpoint, ...); the message says what
+    and how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------ the test index
+@dataclass
+class TestIndex:
+    """The test queries and gallery, checked against test_text.txt. Lists of queries are in test_text.txt order."""
+
+    texts: list[str]  # test_text.txt, verbatim
+    categories: list[str]  # category of each query (from the index)
+    segments: list[list[int]]  # token ids of each query (no bos/eos), as jsonl_test.py wrote them
+    image_dir: Path  # <data_path>/test_images
+    image_names: list[str]  # the gallery, sorted by name (the index's order)
+    image_categories: list[str | None]  # category of each image, None when unknown
+
+    def queries_of(self, category: str) -> list[int]:
+        """Indices (in test_text.txt order) of the queries of ``category``."""
+        return [i for i, c in enumerate(self.categories) if c == category]
+
+    @property
+    def image_paths(self) -> list[Path]:
+        return [self.image_dir / n for n in self.image_names]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl file; a line that is not a JSON object raises :class:`InferenceError` naming file:line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InferenceError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InferenceError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _index_command(data_path: str | os.PathLike, spm: str | os.PathLike = "<spm>") -> str:
+    return f"python code/jsonl_test.py --data_path {data_path} --sentencepiece_model {spm}"
+
+
+def _stale(data_path: Path, what: str) -> InferenceError:
+    return InferenceError(f"{what}; the test index does not match test_text.txt / test_images: re-run "
+                          f"`{_index_command(data_path)}`")
+
+
+def load_test_index(data_path: str | os.PathLike, task: str = "flickr30k") -> TestIndex:
+    """Read and cross-check the test index written by ``code/jsonl_test.py``.
+
+    Raises:
+        FileNotFoundError: test_text.txt is missing.
+        InferenceError: an index file is missing, malformed or does not map back to test_text.txt exactly, or a
+            gallery image is missing.
+    """
+    if task not in TASKS:
+        raise InferenceError(f"unknown task {task!r}; choose one of {TASKS}")
+    data_path = Path(data_path)
+    text_path = data_path / "test_text.txt"
+    texts = read_test_text(text_path)
+    files = {"grouped": data_path / "test.txt", "order": data_path / "test_order.json",
+             "images": data_path / f"{task}.test.jsonl", "queries": data_path / f"{task}.test_queries.jsonl"}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise InferenceError(f"test index file(s) missing: {', '.join(missing)}; run "
+                             f"`{_index_command(data_path)}` first")
+    n = len(texts)
+    if n == 0:
+        raise InferenceError(f"{text_path} has no query")
+
+    grouped = read_test_text(files["grouped"])
+    try:
+        order = json.loads(files["order"].read_text(encoding="utf-8"))
+        original, cats = order["original_index"], order["category"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InferenceError(f"{files['order']}: expected {{'original_index': [...], 'category': [...]}} "
+                             f"({type(e).__name__}: {e})") from None
+    if not (len(grouped) == len(original) == len(cats) == n):
+        raise _stale(data_path, f"{text_path} has {n} queries but {files['grouped']} has {len(grouped)} and "
+                                f"{files['order']} maps {len(original)}")
+    if sorted(original) != list(range(n)):
+        raise _stale(data_path, f"{files['order']}: original_index is not a permutation of 0..{n - 1}")
+    for k, (line, i) in enumerate(zip(grouped, original)):
+        if line != texts[i]:
+            raise _stale(data_path, f"{files['grouped']}:{k + 1}: {line!r} differs from {text_path}:{i + 1} "
+                                    f"{texts[i]!r}")
+
+    rows = read_jsonl(files["queries"])
+    if len(rows) != n:
+        raise _stale(data_path, f"{files['queries']} has {len(rows)} rows for {n} queries")
+    categories: list[str] = [""] * n
+    segments: list[list[int]] = [[] for _ in range(n)]
+    for k, (row, i, cat) in enumerate(zip(rows, original, cats)):
+        where = f"{files['queries']}:{k + 1}"
+        if row.get("text") != grouped[k] or row.get("original_index") != i or row.get("category") != cat:
+            raise _stale(data_path, f"{where}: does not match {files['grouped']}:{k + 1} / {files['order']}")
+        if cat not in CATEGORIES:
+            raise InferenceError(f"{where}: unknown category {cat!r} (expected one of {CATEGORIES})")
+        seg = row.get("text_segment")
+        if not isinstance(seg, list) or not all(isinstance(t, int) for t in seg):
+            raise InferenceError(f"{where}: 'text_segment' must be a list of token ids")
+        categories[i], segments[i] = cat, seg
+
+    image_dir = data_path / TEST_IMAGE_DIR
+    names: list[str] = []
+    image_cats: list[str | None] = []
+    seen: set[str] = set()
+    prefix = f"{TEST_IMAGE_DIR}/"
+    for k, row in enumerate(read_jsonl(files["images"]), start=1):
+        where = f"{files['images']}:{k}"
+        path, cat = row.get("image_path"), row.get("category")
+        if not isinstance(path, str) or not path.startswith(prefix) or "/" in path[len(prefix):]:
+            raise InferenceError(f"{where}: image_path {path!r} is not '{prefix}<name>'")
+        if cat is not None and cat not in CATEGORIES:
+            raise InferenceError(f"{where}: unknown image category {cat!r} (expected null or one of {CATEGORIES})")
+        name = path[len(prefix):]
+        if name in seen:
+            raise InferenceError(f"{where}: image {name!r} is listed twice")
+        seen.add(name)
+        names.append(name)
+        image_cats.append(cat)
+    if not names:
+        raise _stale(data_path, f"{files['images']} lists no image")
+    absent = [nm for nm in names if not (image_dir / nm).is_file()]
+    if absent:
+        raise _stale(data_path, f"{len(absent)} indexed image(s) missing from {image_dir} (first: {absent[0]})")
+    if image_dir.is_dir():
+        extra = sum(1 for p in image_dir.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in seen)
+        if extra:
+            log.warning("%s holds %d file(s) that are not in the test index (unusable images, or added after "
+                        "jsonl_test.py ran); they are not ranked", image_dir, extra)
+    return TestIndex(texts, categories, segments, image_dir, names, image_cats)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def find_checkpoint(path: str | os.PathLike, category: str) -> Path:
+    """The checkpoint file of ``category``'s model: a file, a DeepSpeed tag directory holding
+    ``mp_rank_00_model_states.pt``, or ``<path>.pth`` (the plain-training variant of a ``checkpoint-best`` tag).
+
+    Raises:
+        InferenceError: none of them exists; the message names the flag to pass.
+    """
+    p = Path(path)
+    flag = f"--finetune_{category}"
+    candidates = [p] if p.suffix else [p, p.with_name(p.name + ".pth")]
+    for c in candidates:
+        if c.exists():
+            try:
+                return resolve_checkpoint_path(c)
+            except (CheckpointError, FileNotFoundError) as e:
+                raise InferenceError(f"checkpoint of the {category!r} model ({flag}): {e}") from None
+    tried = " nor ".join(str(c) for c in candidates)
+    raise InferenceError(f"checkpoint of the {category!r} model not found: neither {tried} exists; "
+                         f"train it or pass {flag} PATH (a .pth file or a DeepSpeed checkpoint directory)")
+
+
+@dataclass(frozen=True)
+class TrainedFor:
+    """What a checkpoint says about how it was trained (this project's trainer stores its config as ``args``)."""
+
+    category: str | None = None  # the category it was fine-tuned on
+    eval_pad: int | None = None  # side padding of its validation transform (people_pad for people, else 0)
+
+
+def trained_for(obj: Any) -> TrainedFor:
+    """Read :class:`TrainedFor` from a loaded checkpoint; unknown fields stay None (e.g. the official release)."""
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    data = args.get("data") if isinstance(args, Mapping) else None
+    if not isinstance(data, Mapping) or data.get("category") not in CATEGORIES:
+        return TrainedFor()
+    pad = data.get("people_pad") if data["category"] == "people" else 0
+    return TrainedFor(data["category"], pad if isinstance(pad, int) and pad >= 0 else None)
+
+
+def load_model(name: str, checkpoint: str | os.PathLike, device: torch.device, input_size: int | None = None,
+               vocab_needed: int | None = None, what: str = "model") -> tuple[BEiT3Retrieval, TrainedFor]:
+    """Build ``name`` on ``device`` and load ``checkpoint`` strictly; errors name ``what`` (e.g. the flag).
+
+    The file is read once for both the weights and its training settings (checkpoints are gigabytes). The model
+    is built directly on the device: random initialisation of BEiT-3 large takes seconds on a CPU and is
+    overwritten by the weights anyway.
+    """
+    with torch.device(device):
+        model = create_model(name, img_size=input_size)
+    try:
+        file = resolve_checkpoint_path(checkpoint)
+        obj = load_checkpoint_file(file)
+        sd = extract_state_dict(obj, str(file))
+        if POS_KEY in sd:
+            sd[POS_KEY] = interpolate_pos_embed(sd[POS_KEY], model.cfg.num_patches)
+        check_state_dict(model, sd, str(file))
+    except (CheckpointError, FileNotFoundError) as e:
+        raise InferenceError(f"{what}: {e}") from None
+    model.load_state_dict(sd, strict=True)
+    log.info("loaded %s (%d tensors)", file, len(sd))
+    if vocab_needed is not None and vocab_needed > model.cfg.vocab_size:
+        raise InferenceError(f"{what}: the tokenizer emits ids up to {vocab_needed - 1} but {name} has only "
+                             f"{model.cfg.vocab_size} text embeddings (wrong --sentencepiece_model or --model?)")
+    return model.eval(), trained_for(obj)
+
+
+def resolve_pad(requested: int | None, trained: TrainedFor, what: str) -> int:
+    """The side padding to encode images with: the requested one, else the checkpoint's validation padding, else 0."""
+    if requested is None:
+        pad = trained.eval_pad or 0
+        if pad:
+            log.info("%s: padding images by %d px left and right, as in its validation", what, pad)
+        return pad
+    if trained.eval_pad is not None and requested != trained.eval_pad:
+        log.warning("%s: encoding with padding %d but it was validated with %d", what, requested, trained.eval_pad)
+    return requested
+
+
+# ------------------------------------------------------------------------------------------------ gallery cache
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns): a changed or replaced image gets a new stamp and is re-encoded."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything besides the image file that decides an image feature; cached features are reused only for the
+    same spec (same checkpoint file, size and mtime; model; input size; precision; side padding)."""
+
+    checkpoint: str  # absolute path of the checkpoint file
+    checkpoint_size: int
+    checkpoint_mtime_ns: int
+    model: str
+    input_size: int
+    precision: str
+    pad: int = 0  # black pixels added left and right before resizing (transforms.eval_transform people_pad)
+
+    @classmethod
+    def create(cls, checkpoint: str | os.PathLike, model: str, input_size: int, precision: str,
+               pad: int = 0) -> "FeatureSpec":
+        p = Path(checkpoint)
+        size, mtime = file_stamp(p)
+        return cls(os.path.abspath(p), size, mtime, model, input_size, precision, pad)
+
+
+def _load_cache(path: Path, spec: FeatureSpec) -> dict[str, tuple[tuple[int, int], torch.Tensor | None, str | None]]:
+    """``{name: (stamp, feature or None, failure reason or None)}`` from a cache file made with ``spec``."""
+    if not path.is_file():
+        return {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if obj.get("version") != CACHE_VERSION:
+            log.info("%s: cache format %s, expected %s: re-encoding", path, obj.get("version"), CACHE_VERSION)
+            return {}
+        if obj["spec"] != asdict(spec):
+            changed = sorted(k for k, v in asdict(spec).items() if obj["spec"].get(k) != v)
+            log.info("%s: made with another %s: re-encoding", path, ", ".join(changed))
+            return {}
+        feats, out, row = obj["features"], {}, 0
+        for name, size, mtime, reason in obj["entries"]:
+            if reason is None:
+                out[name] = ((size, mtime), feats[row], None)
+                row += 1
+            else:
+                out[name] = ((size, mtime), None, reason)
+        return out
+    except Exception as e:  # a damaged cache only costs a re-encode, never the run
+        log.warning("%s: unreadable gallery cache (%s: %s); re-encoding", path, type(e).__name__, e)
+        return {}
+
+
+def _save_cache(path: Path, spec: FeatureSpec, names: Sequence[str], stamps: Mapping[str, tuple[int, int]],
+                feats: Mapping[str, torch.Tensor], failed: Mapping[str, str]) -> None:
+    entries = [[n, *stamps[n], failed.get(n)] for n in names]
+    rows = [feats[n] for n in names if n not in failed]
+    dim = rows[0].shape[0] if rows else 0
+    torch_save({"version": CACHE_VERSION, "spec": asdict(spec), "entries": entries,
+                "features": torch.stack(rows) if rows else torch.empty(0, dim)}, path)
+
+
+def _shard(n: int) -> tuple[int, int]:
+    """This rank's contiguous share [lo, hi) of n items (contiguous, so a gather in rank order keeps the order)."""
+    rank, world = get_rank(), get_world_size()
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _gather_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """all_gather_concat on the device the backend needs (NCCL gathers CUDA tensors only), back on the CPU."""
+    if get_world_size() == 1:
+        return t.cpu()
+    dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return all_gather_concat(t.to(dev)).cpu()
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def encode_images_sharded(model: torch.nn.Module, paths: Sequence[Path], transform: Callable, *, batch_size: int,
+                          device: torch.device, precision: str, num_workers: int = 0,
+                          desc: str = "images") -> ImageFeatures:
+    """:func:`encode_images`, with every rank encoding a contiguous shard and the result gathered on every rank."""
+    if get_world_size() == 1:
+        return encode_images(model, paths, transform, batch_size=batch_size, device=device, precision=precision,
+                             num_workers=num_workers, desc=desc)
+    lo, hi = _shard(len(paths))
+    part = encode_images(model, paths[lo:hi], transform, batch_size=batch_size, device=device, precision=precision,
+                         num_workers=num_workers, desc=f"{desc} [rank {get_rank()}]")
+    where = {p: lo + j for j, p in enumerate(paths[lo:hi])}
+    kept = torch.tensor([where[p] for p in part.paths], dtype=torch.long)
+    features = _gather_rows(part.features, device)
+    kept = _gather_rows(kept, device)
+    failed = [(Path(p), r) for rank_failed in _gather_objects([(str(p), r) for p, r in part.failed])
+              for p, r in rank_failed]
+    return ImageFeatures([Path(paths[i]) for i in kept.tolist()], features, failed)
+
+
+def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureSpec, cache_path: Path | None, *,
+                   batch_size: int, device: torch.device, precision: str, num_workers: int = 0,
+                   desc: str = "gallery") -> ImageFeatures:
+    """Gallery features of ``model`` for ``paths`` (unique file names), reusing a cache file.
+
+    The cache holds, for one :class:`FeatureSpec`, each image's name, size and mtime and its feature (or why it
+    could not be read). Only images that are new or changed since are encoded, so a rerun after an interruption, a
+    different subset of the gallery or a few added images costs only what is missing. Unreadable images are
+    reported and left out of the result (they are never ranked). Under ``torch.distributed`` the missing images are
+    encoded in shards over the ranks; rank 0 writes the cache.
+
+    Returns:
+        The readable images in ``paths`` order, their features [N, D] float32 on the CPU, and the failed ones.
+    """
+    paths = [Path(p) for p in paths]
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError("encode_gallery: image file names must be unique")
+    stamps = {p.name: file_stamp(p) for p in paths}
+    cached = _load_cache(cache_path, spec) if cache_path is not None else {}
+    todo = [p for p in paths if p.name not in cached or cached[p.name][0] != stamps[p.name]]
+    if get_world_size() > 1:
+        # Every rank must encode the same list; rank 0's view of the cache decides.
+        todo = _broadcast(todo)
+    log.info("%s: %d images, %d from the cache, %d to encode", desc, len(paths), len(paths) - len(todo), len(todo))
+    feats = {n: v[1] for n, v in cached.items() if v[1] is not None}
+    failed = {n: v[2] for n, v in cached.items() if v[2] is not None}
+    if todo:
+        new = encode_images_sharded(model, todo, eval_transform(spec.input_size, spec.pad), batch_size=batch_size,
+                                    device=device, precision=precision, num_workers=num_workers, desc=desc)
+        for p, row in zip(new.paths, new.features):
+            feats[p.name] = row
+            failed.pop(p.name, None)
+        for p, reason in new.failed:
+            failed[p.name] = reason
+            feats.pop(p.name, None)
+        if cache_path is not None and is_main_process():
+            _save_cache(cache_path, spec, names, stamps, feats, failed)
+            log.info("%s: cached %d features in %s", desc, len(names) - sum(n in failed for n in names), cache_path)
+    bad = [(p, failed[p.name]) for p in paths if p.name in failed]
+    for p, reason in bad:
+        log.warning("%s: unreadable gallery image %s (%s): never ranked", desc, p, reason)
+    ok = [p for p in paths if p.name not in failed]
+    dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0
+    features = torch.stack([feats[p.name] for p in ok]) if ok else torch.empty(0, dim)
+    return ImageFeatures(ok, features, bad)
+
+
+def _broadcast(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def encode_queries_sharded(model: torch.nn.Module, segments: Sequence[Sequence[int]], max_len: int, *,
+                           batch_size: int, device: torch.device, precision: str,
+                           desc: str = "queries") -> torch.Tensor:
+    """Text features [N, D] (float32, CPU) of token id lists; every rank encodes a contiguous shard, gathered."""
+    lo, hi = _shard(len(segments))
+    if hi > lo:
+        tokens, mask = batch_inputs(segments[lo:hi], max_len)
+        feats = encode_token_batches(model, tokens, mask, batch_size=batch_size, device=device,
+                                     precision=precision, desc=desc)
+    else:  # more ranks than queries
+        feats = torch.empty(0, model.cfg.embed_dim, device=device)
+    return _gather_rows(feats, device)
+
+
+# ------------------------------------------------------------------------------------------------ ranking
+def rank_gallery(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, device: torch.device | str = "cpu",
+                 use_faiss: bool = False, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``min(k, G)`` gallery rows per query: ``(scores [Q, k'], indices [Q, k'])`` on the CPU.
+
+    Exact chunked search (:func:`topk_similarity`, never the whole Q x G matrix) or a FAISS inner-product index.
+    """
+    k_eff = min(k, gallery.shape[0])
+    if queries.shape[0] == 0 or k_eff == 0:
+        return torch.empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.long)
+    if use_faiss:
+        index = FaissIndex(gallery.shape[1])
+        index.add(gallery)
+        scores, idx = index.search(queries, k_eff)
+    else:
+        scores, idx = topk_similarity(queries, gallery, k_eff, device=device, progress=progress)
+    return scores.cpu(), idx.cpu()
+
+
+def complete_ranking(ranked: Sequence[str], fallback: Sequence[str], k: int) -> list[str]:
+    """``ranked`` followed by the first names of ``fallback`` that are not in it, up to ``k`` names.
+
+    Used when a query may only be ranked among fewer than ``k`` images (``restrict_to_category``): the rest of the
+    list is filled with other images in gallery order, so every query still has ``k`` unique names; under the official
+    scorer misses after the last hit cost nothing.
+    """
+    out = list(ranked[:k])
+    used = set(out)
+    for name in fallback:
+        if len(out) >= k:
+            break
+        if name not in used:
+            out.append(name)
+            used.add(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+@dataclass
+class InferConfig:
+    """Inference settings (``code/infer.py`` flags)."""
+
+    checkpoints: dict[str, str]  # category -> checkpoint (file, DeepSpeed dir or checkpoint-best[.pth])
+    data_path: str = "dataset/test"  # folder with test_text.txt, test_images/ and the jsonl_test.py index
+    sentencepiece_model: str = "model_pth/beit3.spm"
+    model: str = "beit3_large_patch16_384"  # registered model name
+    input_size: int | None = None  # image side; None: the model's
+    task: str = "flickr30k"  # index file prefix
+    output_dir: str = "code"  # where infer_json_*.json, cache/ and infer_metrics.json go
+    batch_size: int = 64  # images per batch (texts: 4x)
+    device: str = "auto"
+    precision: str | None = None  # None: bf16 on cuda, fp32 on cpu
+    k: int = 10  # names per query
+    restrict_to_category: bool = False  # rank a query only among images of its category (or of unknown category)
+    use_faiss: bool = False  # FAISS index instead of the exact chunked top-k
+    num_workers: int = 0  # DataLoader workers for image decoding
+    pads: dict[str, int | None] = field(default_factory=dict)  # category -> side padding of its model's eval
+    # transform; None or absent: what the checkpoint was validated with (0 if it does not say)
+    use_cache: bool = True  # reuse/write <output_dir>/cache/gallery_<category>.pt
+    evaluate: bool = False  # score infer_json_all.json against gt
+    gt: str | None = None  # ground truth; None: <data_path>/test_gt.txt
+
+
+def output_paths(output_dir: str | os.PathLike) -> dict[str, Path]:
+    """``{"car": .../infer_json_car.json, "people": ..., "all": .../infer_json_all.json}``."""
+    out = Path(output_dir)
+    return {**{c: out / f"infer_json_{c}.json" for c in CATEGORIES}, "all": out / "infer_json_all.json"}
+
+
+def _default_precision(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def run_inference(cfg: InferConfig) -> dict[str, Any]:
+    """Encode, rank and write the submission files (see the module docstring); the caller sets up the process
+    group for a distributed run. Every rank returns; only rank 0 ranks, writes and gets the full summary.
+
+    Returns:
+        A summary: ``queries`` per category, ``images``, ``failed_images`` (name, reason), ``timings`` (s per
+        phase), ``outputs`` (paths) and ``metrics`` (with ``evaluate``, else None).
+
+    Raises:
+        InferenceError, FileNotFoundError, ValueError: bad input, with a message that says what to fix.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if cfg.k < 1:
+        raise InferenceError(f"k must be positive, got {cfg.k}")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and get_world_size() > 1 and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # init_distributed selected LOCAL_RANK's GPU
+    precision = cfg.precision or _default_precision(device)
+    get_autocast(precision, device)  # fails fast on e.g. fp16 on the CPU, before any slow step
+    gt_path = Path(cfg.gt) if cfg.gt else Path(cfg.data_path) / "test_gt.txt"
+    if cfg.evaluate and not gt_path.is_file():
+        raise InferenceError(f"--eval needs the ground truth, but {gt_path} does not exist (pass --gt FILE, in the "
+                             "official format text$img1$img2... per line, or drop --eval)")
+
+    index = load_test_index(cfg.data_path, cfg.task)
+    tokenizer = Tokenizer(cfg.sentencepiece_model)
+    for i, (text, seg) in enumerate(zip(index.texts, index.segments)):
+        if tokenizer.encode(text) != seg:
+            raise InferenceError(
+                f"query {i + 1} ({text!r}): its token ids in the test index were made with another sentencepiece "
+                f"model than {cfg.sentencepiece_model}; re-run "
+                f"`{_index_command(cfg.data_path, cfg.sentencepiece_model)}`")
+    present = [c for c in CATEGORIES if index.queries_of(c)]
+    counts = {c: len(index.queries_of(c)) for c in CATEGORIES}
+    log.info("%d queries (%s), %d gallery images; device %s, %s", len(index.texts),
+             ", ".join(f"{c}: {n}" for c, n in counts.items()), len(index.image_names), device, precision)
+    checkpoints = {}
+    for c in present:  # resolve every checkpoint before the first slow step
+        if not cfg.checkpoints.get(c):
+            raise InferenceError(f"there are {counts[c]} {c!r} queries but no checkpoint: pass --finetune_{c} PATH")
+        checkpoints[c] = find_checkpoint(cfg.checkpoints[c], c)
+
+    known = [c for c in index.image_categories if c is not None]
+    if cfg.restrict_to_category and not known:
+        log.warning("--restrict_to_category: the test index has no image categories (run jsonl_test.py with "
+                    "--image_categories), so every query is ranked among all images")
+    # The images each model has to encode: all of them, or with the restriction only its category's and the unknown.
+    candidates = {c: [p for p, ic in zip(index.image_paths, index.image_categories)
+                      if not cfg.restrict_to_category or ic in (None, c)] for c in present}
+    cache_dir = Path(cfg.output_dir) / "cache"
+
+    query_feats: dict[str, torch.Tensor] = {}
+    galleries: dict[str, ImageFeatures] = {}
+    failed: dict[str, str] = {}
+    for c in present:
+        t0 = time.perf_counter()
+        what = f"--finetune_{c} {checkpoints[c]}"
+        model, trained = load_model(cfg.model, checkpoints[c], device, cfg.input_size, tokenizer.vocab_size, what)
+        if trained.category not in (None, c):
+            log.warning("%s was fine-tuned on %r, not %r: is it the right checkpoint?", what, trained.category, c)
+        pad = resolve_pad(cfg.pads.get(c), trained, what)
+        spec = FeatureSpec.create(checkpoints[c], cfg.model, model.cfg.img_size, precision, pad)
+        galleries[c] = encode_gallery(
+            model, candidates[c], spec, cache_dir / f"gallery_{c}.pt" if cfg.use_cache else None,
+            batch_size=cfg.batch_size, device=device, precision=precision, num_workers=cfg.num_workers,
+            desc=f"{c} gallery")
+        failed.update((p.name, r) for p, r in galleries[c].failed)
+        q_idx = index.queries_of(c)
+        query_feats[c] = encode_queries_sharded(model, [index.segments[i] for i in q_idx], tokenizer.max_len,
+                                                batch_size=cfg.batch_size * 4, device=device, precision=precision,
+                                                desc=f"{c} queries")
+        del model  # one model on the device at a time
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        timings[f"encode_{c}"] = time.perf_counter() - t0
+        log.info("%s: encoded %d images and %d queries in %.1f s", c, len(galleries[c].paths), len(q_idx),
+                 timings[f"encode_{c}"])
+
+    summary: dict[str, Any] = {"queries": counts, "images": len(index.image_names),
+                               "failed_images": sorted(failed.items()), "timings": timings,
+                               "outputs": {}, "metrics": None}
+    if not is_main_process():
+        barrier()
+        return summary
+
+    t0 = time.perf_counter()
+    usable = [n for n in index.image_names if n not in failed]
+    if len(usable) < cfg.k:
+        raise InferenceError(f"the gallery has {len(usable)} usable image(s) but every query needs k={cfg.k} names")
+    ranked: dict[int, list[str]] = {}
+    for c in present:
+        gal = galleries[c]
+        if len(gal.paths) < cfg.k:
+            log.warning("%s: only %d image(s) may be ranked for its queries; the lists are filled with other "
+                        "images in gallery order", c, len(gal.paths))
+        _, idx = rank_gallery(query_feats[c], gal.features, cfg.k, device=device, use_faiss=cfg.use_faiss)
+        names = [p.name for p in gal.paths]
+        for qi, row in zip(index.queries_of(c), idx.tolist()):
+            ranked[qi] = complete_ranking([names[j] for j in row], usable, cfg.k)
+    timings["rank"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    outputs = output_paths(cfg.output_dir)
+    gallery_names = set(index.image_names)
+    for c in CATEGORIES:  # a category without queries still gets its (empty) file, so no stale one is left
+        q_idx = index.queries_of(c)
+        write_submission(outputs[c], [(index.texts[i], ranked[i]) for i in q_idx],
+                         [index.texts[i] for i in q_idx], gallery_names, cfg.k)
+    texts = read_test_text(Path(cfg.data_path) / "test_text.txt")  # the final check is against the file itself
+    results = [(index.texts[i], ranked[i]) for i in range(len(index.texts))]
+    write_submission(outputs["all"], results, texts, gallery_names, cfg.k)
+    timings["write"] = time.perf_counter() - t0
+    summary["outputs"] = {k: str(v) for k, v in outputs.items()}
+
+    if cfg.evaluate:
+        gt = read_ground_truth(gt_path)
+        metrics = score_results(results, gt, index.categories)
+        write_json(Path(cfg.output_dir) / "infer_metrics.json", {"results": str(outputs["all"]), "gt": str(gt_path),
+                                                                 **metrics}, indent=1)
+        summary["metrics"] = metrics
+    timings["total"] = time.perf_counter() - t_start
+    log.info("timings (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    barrier()
+    return summary

@@ -1,0 +1,253 @@
+"""Text-to-image search over any image folder, a printable result table and a self-contained HTML contact sheet.
+
+Reads: an image folder (the files directly inside it), one or more query texts, a checkpoint and a sentencepiece
+model; optionally ground truth in the official format (``text$img1$img2...`` per line) to mark hits and misses.
+Writes: the gallery features, cached in ``<cache_dir>/gallery_<folder>_<key>.pt`` (reused while the checkpoint,
+model, input size, precision and every image's size and mtime are unchanged; only new or changed images are
+encoded), and the HTML page: per query its text, AP when ground truth is given, and the top k as thumbnails (small
+base64 JPEGs inside the page, so it still works when moved) with rank, name, score and a green (hit) or red (miss)
+border.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .checkpoint import resolve_checkpoint_path
+from .encoding import ImageFeatures, encode_texts, list_images
+from .fileio import write_text
+from .images import ImageReadError, load_rgb
+from .inference import FeatureSpec, encode_gallery, load_model, rank_gallery, resolve_pad
+from .labels import read_ground_truth, read_test_text
+from .metrics import average_precision_at_k, official_ap
+from .modeling import BEiT3Retrieval
+from .runtime import resolve_device
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+THUMB_SIZE = 128  # longest thumbnail side in pixels
+THUMB_QUALITY = 80  # JPEG quality of the embedded thumbnails
+
+
+@dataclass
+class Hit:
+    """One ranked image."""
+
+    rank: int  # 1-based
+    name: str  # file name inside the gallery folder
+    path: Path
+    score: float  # cosine similarity
+    relevant: bool | None = None  # None without ground truth for this query
+
+
+@dataclass
+class QueryResult:
+    """The top k of one query; the AP fields are set when the query is in the ground truth."""
+
+    text: str
+    hits: list[Hit]
+    official_ap: float | None = None  # the challenge scorer's AP over the listed names
+    ap_at_k: float | None = None  # standard AP@k (normalised by min(k, #relevant))
+    num_relevant: int | None = None
+
+
+@dataclass
+class Searcher:
+    """A loaded model and tokenizer with an encoded gallery."""
+
+    model: BEiT3Retrieval
+    tokenizer: Tokenizer
+    gallery: ImageFeatures
+    device: torch.device
+    precision: str
+    batch_size: int = 256
+    info: dict[str, str] = field(default_factory=dict)  # what was searched with what (shown in the HTML)
+
+    def search(self, queries: Sequence[str], k: int = 10) -> list[QueryResult]:
+        """The top ``k`` gallery images per query, best first (k is capped at the gallery size)."""
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        if len(self.gallery.paths) == 0:
+            raise ValueError("the gallery has no readable image")
+        if k > len(self.gallery.paths):
+            log.warning("k=%d but the gallery has %d readable images: showing all of them", k,
+                        len(self.gallery.paths))
+        feats = encode_texts(self.model, self.tokenizer, queries, batch_size=self.batch_size, device=self.device,
+                             precision=self.precision, desc="queries")
+        scores, idx = rank_gallery(feats, self.gallery.features, k, device=self.device, progress=False)
+        out = []
+        for text, s_row, i_row in zip(queries, scores.tolist(), idx.tolist()):
+            hits = [Hit(r, self.gallery.paths[i].name, self.gallery.paths[i], s)
+                    for r, (s, i) in enumerate(zip(s_row, i_row), start=1)]
+            out.append(QueryResult(text, hits))
+        return out
+
+
+def default_cache_dir(images: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
+    """``<output_dir>/cache`` when an output folder is given, else ``<images>/../.search_cache``."""
+    if output_dir is not None:
+        return Path(output_dir) / "cache"
+    return Path(images).resolve().parent / ".search_cache"
+
+
+def cache_file(cache_dir: str | os.PathLike, images: str | os.PathLike, model: str,
+               checkpoint: str | os.PathLike) -> Path:
+    """One cache file per (folder, model, checkpoint path); a retrained checkpoint at the same path overwrites it."""
+    key = "\n".join([os.path.abspath(images), model, os.path.abspath(checkpoint)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(images).resolve().name) or "root"
+    return Path(cache_dir) / f"gallery_{folder}_{digest}.pt"
+
+
+def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str | os.PathLike,
+                   sentencepiece_model: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                   use_cache: bool = True, input_size: int | None = None, device: str = "auto",
+                   precision: str | None = None, batch_size: int = 64, num_workers: int = 0,
+                   pad: int | None = None) -> Searcher:
+    """Load the model and encode (or reuse the cached features of) every image directly inside ``images``.
+
+    ``pad`` (black pixels left and right before resizing) defaults to the padding the checkpoint was validated with.
+
+    Raises:
+        FileNotFoundError: the folder, checkpoint or tokenizer is missing.
+        ValueError: the folder has no image, or the checkpoint does not fit the model (the message names it).
+    """
+    paths = list_images(images)
+    if not paths:
+        raise ValueError(f"no image file (.jpg, .png, ...) directly inside {images}")
+    dev = resolve_device(device)
+    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    tokenizer = Tokenizer(sentencepiece_model)
+    ckpt = resolve_checkpoint_path(checkpoint)
+    what = f"--finetune {ckpt}"
+    model, trained = load_model(model_name, ckpt, dev, input_size, tokenizer.vocab_size, what=what)
+    spec = FeatureSpec.create(ckpt, model_name, model.cfg.img_size, precision, resolve_pad(pad, trained, what))
+    cache = cache_file(cache_dir or default_cache_dir(images), images, model_name, ckpt) if use_cache else None
+    gallery = encode_gallery(model, paths, spec, cache, batch_size=batch_size, device=dev, precision=precision,
+                             num_workers=num_workers, desc=f"gallery {Path(images).name}")
+    info = {"images": str(images), "model": model_name, "checkpoint": str(ckpt),
+            "gallery": f"{len(gallery.paths)} images" + (f" ({len(gallery.failed)} unreadable)" if gallery.failed
+                                                         else "")}
+    return Searcher(model, tokenizer, gallery, dev, precision, batch_size=4 * batch_size, info=info)
+
+
+# ------------------------------------------------------------------------------------------------ ground truth
+def read_queries(path: str | os.PathLike) -> list[str]:
+    """One query per line (the test_text.txt rules: no blank line in the middle, no '$')."""
+    queries = read_test_text(path)
+    if not queries:
+        raise ValueError(f"{path}: no query")
+    return queries
+
+
+def read_relevance(path: str | os.PathLike) -> dict[str, set[str]]:
+    """Ground truth ``text$img1$img2...`` as ``{text: relevant names}`` (repeated texts: their union)."""
+    out: dict[str, set[str]] = {}
+    for text, names in read_ground_truth(path):
+        out.setdefault(text, set()).update(names)
+    return out
+
+
+def mark_hits(results: Sequence[QueryResult], relevance: Mapping[str, set[str]]) -> None:
+    """Set hit/miss and the APs of every result whose text is in ``relevance`` (in place)."""
+    for r in results:
+        rel = relevance.get(r.text)
+        if rel is None:
+            continue
+        names = [h.name for h in r.hits]
+        for h in r.hits:
+            h.relevant = h.name in rel
+        r.official_ap = official_ap(names, rel)
+        r.ap_at_k = average_precision_at_k(names, rel, len(names))
+        r.num_relevant = len(rel)
+
+
+# ------------------------------------------------------------------------------------------------ output
+def format_results(results: Sequence[QueryResult]) -> str:
+    """A plain-text table per query: rank, score, hit/miss (with ground truth) and image name."""
+    blocks = []
+    for qi, r in enumerate(results, start=1):
+        head = f"query {qi}/{len(results)}: {r.text}"
+        if r.official_ap is not None:
+            head += f"\n  official AP {r.official_ap:.4f}, AP@{len(r.hits)} {r.ap_at_k:.4f}, {r.num_relevant} relevant"
+        lines = [head, f"  {'rank':>4}  {'score':>7}  {'mark':<4}  image"]
+        for h in r.hits:
+            mark = "-" if h.relevant is None else ("hit" if h.relevant else "miss")
+            lines.append(f"  {h.rank:>4}  {h.score:>7.4f}  {mark:<4}  {h.name}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def thumbnail_data_uri(path: Path, size: int = THUMB_SIZE) -> str | None:
+    """A small JPEG of ``path`` as a ``data:`` URI, or None if the image cannot be read any more."""
+    try:
+        im = load_rgb(path)
+    except ImageReadError as e:
+        log.warning("no thumbnail: %s", e)
+        return None
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; } .meta { color: #555; font-size: 0.9em; }
+section { margin: 1.5em 0; } h2 { font-size: 1.05em; margin: 0.3em 0; } .ap { color: #555; font-weight: normal; }
+.grid { display: flex; flex-wrap: wrap; gap: 8px; }
+figure { margin: 0; width: 140px; padding: 4px; border: 4px solid #ccc; border-radius: 6px; text-align: center; }
+figure.hit { border-color: #2a9d3a; } figure.miss { border-color: #d33; }
+figure img { max-width: 128px; max-height: 128px; display: block; margin: 0 auto; }
+figcaption { font-size: 0.75em; word-break: break-all; } .mark { font-weight: bold; }
+.hit .mark { color: #2a9d3a; } .miss .mark { color: #d33; }
+"""
+
+
+def render_html(results: Sequence[QueryResult], title: str = "Text-to-image search",
+                info: Mapping[str, str] | None = None, thumb_size: int = THUMB_SIZE) -> str:
+    """The contact sheet as one self-contained HTML string (thumbnails embedded)."""
+    e = html.escape
+    thumbs: dict[Path, str | None] = {}
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
+             f"<style>{_CSS}</style></head><body>\n<h1>{e(title)}</h1>"]
+    if info:
+        parts.append('<p class="meta">' + "<br>".join(f"{e(k)}: {e(v)}" for k, v in info.items()) + "</p>")
+    scored = [r.official_ap for r in results if r.official_ap is not None]
+    if scored:
+        parts.append(f'<p class="meta">mean official AP over {len(scored)} queries with ground truth: '
+                     f"{sum(scored) / len(scored):.4f}</p>")
+    for qi, r in enumerate(results, start=1):
+        ap = (f' <span class="ap">official AP {r.official_ap:.4f} &middot; AP@{len(r.hits)} {r.ap_at_k:.4f} '
+              f"&middot; {r.num_relevant} relevant</span>") if r.official_ap is not None else ""
+        parts.append(f"<section><h2>{qi}. {e(r.text)}{ap}</h2><div class=\"grid\">")
+        for h in r.hits:
+            if h.path not in thumbs:
+                thumbs[h.path] = thumbnail_data_uri(h.path, thumb_size)
+            cls = "" if h.relevant is None else (" hit" if h.relevant else " miss")
+            word = "&#10003; hit" if h.relevant else "&#10007; miss"
+            mark = "" if h.relevant is None else f' <span class="mark">{word}</span>'
+            img = f'<img src="{thumbs[h.path]}" alt="{e(h.name)}">' if thumbs[h.path] else "<p>(unreadable)</p>"
+            parts.append(f'<figure class="result{cls}">{img}<figcaption>#{h.rank}{mark}<br>{e(h.name)}<br>'
+                         f"score {h.score:.4f}</figcaption></figure>")
+        parts.append("</div></section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_html(path: str | os.PathLike, results: Sequence[QueryResult], title: str = "Text-to-image search",
+               info: Mapping[str, str] | None = None, thumb_size: int = THUMB_SIZE) -> None:
+    """Write :func:`render_html` atomically."""
+    write_text(path, render_html(results, title, info, thumb_size))
+    log.info("wrote contact sheet %s", path)

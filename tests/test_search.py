@@ -1,0 +1,175 @@
+"""code/search.py on the tiny test images: the ranking, the printed table, the HTML contact sheet, the gallery cache
+and bad input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import traffic_retrieval.inference as inference
+from traffic_retrieval.checkpoint import load_weights
+from traffic_retrieval.encoding import encode_images, encode_texts, list_images
+from traffic_retrieval.labels import read_ground_truth, read_test_text
+from traffic_retrieval.metrics import official_ap
+from traffic_retrieval.modeling import create_model
+from traffic_retrieval.search import default_cache_dir
+from traffic_retrieval.tokenizer import Tokenizer
+from traffic_retrieval.transforms import eval_transform
+
+MODEL = "beit3_nano_patch16_32"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    torch.save({"model": create_model(MODEL).state_dict()}, path)
+    return path
+
+
+@pytest.fixture()
+def images(tiny_dataset, tmp_path) -> Path:
+    """A private copy of the tiny test images (the search cache and added files must not touch the shared one)."""
+    dst = tmp_path / "gallery" / "photos"
+    shutil.copytree(tiny_dataset / "test" / "test_images", dst)
+    return dst
+
+
+@pytest.fixture()
+def search(load_script, ckpt, tiny_spm):
+    main = load_script("search")["main"]
+
+    def run(images: Path, *extra: str):
+        return main(["--images", str(images), "--model", MODEL, "--finetune", str(ckpt), "--sentencepiece_model",
+                     str(tiny_spm), "--device", "cpu", *extra])
+
+    return run
+
+
+@pytest.fixture()
+def spy(monkeypatch) -> list[int]:
+    """Number of images per real encode_images call made by the gallery cache."""
+    calls: list[int] = []
+    real = inference.encode_images
+
+    def counting(model, paths, *args, **kwargs):
+        calls.append(len(paths))
+        return real(model, paths, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "encode_images", counting)
+    return calls
+
+
+def _brute_force(ckpt: Path, spm: Path, images: Path, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+    model = create_model(MODEL)
+    load_weights(model, ckpt)
+    paths = list_images(images)
+    img = encode_images(model, paths, eval_transform(32)).features
+    sims = encode_texts(model, Tokenizer(spm), texts) @ img.T
+    order = torch.argsort(sims, dim=1, descending=True, stable=True)[:, :k]
+    return [[(paths[j].name, sims[i, j].item()) for j in row] for i, row in enumerate(order.tolist())]
+
+
+def test_search_table_html_and_hits(tiny_dataset, images, search, ckpt, tiny_spm, tmp_path, capsys):
+    queries = read_test_text(tiny_dataset / "test" / "test_text.txt")[:3]
+    qfile = tmp_path / "queries.txt"
+    qfile.write_text("\n".join(queries) + "\n")
+    gt_file = tiny_dataset / "test" / "test_gt.txt"
+    out = tmp_path / "out"
+    results = search(images, "--queries", str(qfile), "--k", "5", "--gt", str(gt_file), "--output_dir", str(out))
+
+    # the ranking equals a brute-force full score matrix
+    ref = _brute_force(ckpt, tiny_spm, images, queries, 5)
+    relevant = dict(read_ground_truth(gt_file))
+    assert [r.text for r in results] == queries
+    for r, want in zip(results, ref):
+        assert [h.name for h in r.hits] == [n for n, _ in want]
+        assert [h.score for h in r.hits] == pytest.approx([s for _, s in want], abs=1e-5)
+        assert [h.rank for h in r.hits] == [1, 2, 3, 4, 5]
+        assert [h.relevant for h in r.hits] == [h.name in relevant[r.text] for h in r.hits]
+        assert r.official_ap == official_ap([h.name for h in r.hits], relevant[r.text])
+
+    printed = capsys.readouterr().out
+    for r in results:
+        assert r.text in printed and f"official AP {r.official_ap:.4f}" in printed
+        for h in r.hits:
+            assert re.search(rf"{h.rank}\s+{h.score:.4f}\s+{'hit' if h.relevant else 'miss'}\s+{re.escape(h.name)}",
+                             printed)
+
+    page = (out / "search.html").read_text()
+    # self-contained: every image is an embedded JPEG, one per distinct result image, no file references
+    srcs = re.findall(r'<img src="([^"]*)"', page)
+    assert len(srcs) == 15 and all(s.startswith("data:image/jpeg;base64,") for s in srcs)
+    thumb = Image.open(io.BytesIO(base64.b64decode(srcs[0].split(",", 1)[1])))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 128
+    assert "file:" not in page and "href=" not in page and "<link" not in page
+    n_hits = sum(h.relevant for r in results for h in r.hits)
+    assert page.count('class="result hit"') == n_hits and page.count('class="result miss"') == 15 - n_hits
+    for r in results:
+        assert r.text in page and f"official AP {r.official_ap:.4f}" in page
+    assert (out / "cache").is_dir()  # --output_dir also hosts the cache
+
+
+def test_gallery_cache_is_reused(images, search, spy, tmp_path):
+    cache_dir = tmp_path / "cache"
+    args = ("--query", "A red BMW Sedan.", "--cache_dir", str(cache_dir), "--html", str(tmp_path / "a.html"))
+    first = search(images, *args)
+    assert spy == [16]
+    (cache_file,) = cache_dir.iterdir()
+    mtime = cache_file.stat().st_mtime_ns
+
+    spy.clear()
+    second = search(images, *args)
+    assert spy == [] and cache_file.stat().st_mtime_ns == mtime  # nothing encoded, cache untouched
+    assert [(h.name, h.score) for h in second[0].hits] == [(h.name, h.score) for h in first[0].hits]
+
+    # A new image in the folder: only it is encoded, and it can be found.
+    shutil.copy(images / first[0].hits[0].name, images / "zz_copy.jpg")
+    spy.clear()
+    third = search(images, *args, "--k", "16")
+    assert spy == [1]
+    assert "zz_copy.jpg" in [h.name for h in third[0].hits]
+
+
+def test_default_cache_dir(images, search, tmp_path):
+    assert default_cache_dir(images) == images.resolve().parent / ".search_cache"
+    assert default_cache_dir(images, tmp_path / "o") == tmp_path / "o" / "cache"
+    search(images, "--query", "A man with a hat.", "--html", str(tmp_path / "p.html"))
+    assert len(list((images.parent / ".search_cache").glob("gallery_photos_*.pt"))) == 1
+
+
+def test_query_without_ground_truth_has_no_marks(tiny_dataset, images, search, tmp_path, capsys):
+    results = search(images, "--query", "A purple unicorn.", "--gt", str(tiny_dataset / "test" / "test_gt.txt"),
+                     "--html", str(tmp_path / "p.html"), "--k", "3")
+    assert results[0].official_ap is None and all(h.relevant is None for h in results[0].hits)
+    assert "class=\"result hit\"" not in (tmp_path / "p.html").read_text()
+    assert "  -   " in capsys.readouterr().out
+
+
+def test_bad_input(search, load_script, tmp_path, tiny_spm):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        search(empty, "--query", "x", "--html", str(tmp_path / "p.html"))
+    assert "no image file" in str(e.value.code) and str(empty) in str(e.value.code)
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (40, 30), "red").save(images / "a.jpg")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"model": create_model("beit3_tiny_patch8_64").state_dict()}, wrong)
+    main = load_script("search")["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["--images", str(images), "--query", "x", "--model", MODEL, "--finetune", str(wrong),
+              "--sentencepiece_model", str(tiny_spm), "--device", "cpu", "--html", str(tmp_path / "p.html")])
+    assert "--finetune" in str(e.value.code) and "does not fit the model" in str(e.value.code)
+
+    with pytest.raises(SystemExit):  # neither --query nor --queries
+        load_script("search")["parse_args"](["--images", str(images), "--finetune", str(wrong)])
