@@ -159,13 +159,19 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor], source: str = "
     raise CheckpointError("\n".join(lines))
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, model_key: str = "model|module") -> dict[str, Tensor]:
-    """Load a checkpoint into ``model`` strictly (see the module docstring); returns the state dict used."""
-    file = resolve_checkpoint_path(path)
-    sd = extract_state_dict(load_checkpoint_file(file), str(file), model_key)
+def load_state(model: nn.Module, obj: Any, source: str, model_key: str = "model|module") -> dict[str, Tensor]:
+    """Load an already-read checkpoint object into ``model`` strictly (for callers that also need its other
+    entries, e.g. the training ``args``, without reading a multi-GB file twice); returns the state dict used."""
+    sd = extract_state_dict(obj, source, model_key)
     if POS_KEY in sd and hasattr(model, "cfg"):
         sd[POS_KEY] = interpolate_pos_embed(sd[POS_KEY], model.cfg.num_patches)
-    check_state_dict(model, sd, str(file))
+    check_state_dict(model, sd, source)
     model.load_state_dict(sd, strict=True)
-    log.info("loaded %s (%d tensors)", file, len(sd))
+    log.info("loaded %s (%d tensors)", source, len(sd))
     return sd
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, model_key: str = "model|module") -> dict[str, Tensor]:
+    """Load a checkpoint file into ``model`` strictly (see the module docstring); returns the state dict used."""
+    file = resolve_checkpoint_path(path)
+    return load_state(model, load_checkpoint_file(file), str(file), model_key)

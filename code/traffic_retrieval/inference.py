@@ -42,15 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .categories import CATEGORIES
-from .checkpoint import (
-    POS_KEY,
-    CheckpointError,
-    check_state_dict,
-    extract_state_dict,
-    interpolate_pos_embed,
-    load_checkpoint_file,
-    resolve_checkpoint_path,
-)
+from .checkpoint import CheckpointError, load_checkpoint_file, load_state, resolve_checkpoint_path
 from .distributed import all_gather_concat, barrier, get_rank, get_world_size, is_main_process
 from .encoding import ImageFeatures, encode_images, encode_token_batches
 from .fileio import torch_save, write_json
@@ -263,14 +255,9 @@ def load_model(name: str, checkpoint: str | os.PathLike, device: torch.device, i
     try:
         file = resolve_checkpoint_path(checkpoint)
         obj = load_checkpoint_file(file)
-        sd = extract_state_dict(obj, str(file))
-        if POS_KEY in sd:
-            sd[POS_KEY] = interpolate_pos_embed(sd[POS_KEY], model.cfg.num_patches)
-        check_state_dict(model, sd, str(file))
+        load_state(model, obj, str(file))
     except (CheckpointError, FileNotFoundError) as e:
         raise InferenceError(f"{what}: {e}") from None
-    model.load_state_dict(sd, strict=True)
-    log.info("loaded %s (%d tensors)", file, len(sd))
     if vocab_needed is not None and vocab_needed > model.cfg.vocab_size:
         raise InferenceError(f"{what}: the tokenizer emits ids up to {vocab_needed - 1} but {name} has only "
                              f"{model.cfg.vocab_size} text embeddings (wrong --sentencepiece_model or --model?)")
