@@ -1,0 +1,210 @@
+"""The whole pipeline on a synthetic traffic dataset, on the CPU, with the same scripts a user runs on real data.
+
+Stages, in the original's order (each is a subprocess running the script named in the README):
+    0. make_demo_dataset.py      -> dataset/demo/ (raw challenge layout + test ground truth + true boxes)
+       train_tokenizer.py        -> model_pth/demo/beit3_demo.spm (beit3.spm cannot be downloaded here)
+    1. train_det_cls.py, val_det_cls.py with the shipped demo RTMDet -> cleaned labels, links, reports
+    2. data2flickr30k.py         -> per-category Karpathy json + jsonl indexes
+    3. run_beit3_finetuning.py --category car / people (tiny BEiT-3 from scratch, both categories in parallel)
+    4. jsonl_test.py --detect    -> test index; test image categories by the detector
+    5. infer.py                  -> runs/demo/infer_json_all.json (+ car / people files)
+    then evaluate.py (official mAP@10, R@K, random baseline) and search.py (HTML contact sheets).
+Everything is written under ``dataset/demo/`` and ``runs/demo/``. Re-running reuses the dataset and the detection
+cache and resumes finished training runs; ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("demo")
+
+ROOT = Path(__file__).resolve().parents[1]
+DET_CONFIG = "model_pth/demo/rtmdet_tiny_demo.py"
+DET_CHECKPOINT = "model_pth/demo/rtmdet_tiny_demo.pth"
+CATEGORIES = ("car", "people")
+# The demo recipe: a 4-layer, 128-wide BEiT-3 at 64 px trained from scratch on each category.
+MODEL = "beit3_tiny_patch8_64"
+INPUT_SIZE = "64"
+TRAIN_FLAGS = ["--epochs", "12", "--warmup_epochs", "1", "--batch_size", "64", "--lr", "1e-3", "--min_lr", "1e-5",
+               "--layer_decay", "1.0", "--weight_decay", "0.05", "--drop_path", "0.0", "--save_ckpt_freq", "100",
+               "--train_crop", "official", "--people_pad", "0"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="dataset/demo", help="where the synthetic dataset goes (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="tokenizer, checkpoints, results, plots (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    p.add_argument("--parallel", type=int, default=2, choices=(1, 2),
+                   help="run the two categories' stages as parallel processes (default: %(default)s)")
+    p.add_argument("--n_train", type=int, default=None, help="override the dataset size (quick runs)")
+    p.add_argument("--n_val", type=int, default=None)
+    p.add_argument("--n_test", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="override the training epochs (quick runs)")
+    p.add_argument("--fresh", action="store_true", help="delete the demo dataset and outputs first")
+    return p.parse_args(argv)
+
+
+class Runner:
+    """Runs stage scripts as subprocesses from the repository root, logging each command and its time."""
+
+    def __init__(self, out: Path, threads: int) -> None:
+        self.out = out
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+        self.times: dict[str, float] = {}
+
+    def _cmd(self, script: str, args: list[str]) -> list[str]:
+        return [sys.executable, script, *args]
+
+    def run(self, name: str, script: str, args: list[str], capture: bool = False) -> str:
+        cmd = self._cmd(script, args)
+        log.info("[%s] %s", name, shlex.join(cmd[1:]))
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, cwd=ROOT, env=self.env, text=True,
+                             stdout=subprocess.PIPE if capture else None)
+        self.times[name] = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise SystemExit(f"demo: stage {name!r} failed (exit {res.returncode}): {shlex.join(cmd[1:])}")
+        return res.stdout or ""
+
+    def run_parallel(self, jobs: list[tuple[str, str, list[str]]], parallel: int) -> None:
+        """Run jobs two at a time (one torch thread each: on 2 cores that beats one job with 2 threads)."""
+        if parallel == 1:
+            for name, script, args in jobs:
+                self.run(name, script, args)
+            return
+        procs = []
+        for name, script, args in jobs:
+            cmd = self._cmd(script, args)
+            logfile = self.out / f"{name}.log"
+            log.info("[%s] %s  (log: %s)", name, shlex.join(cmd[1:]), logfile)
+            f = open(logfile, "w")
+            procs.append((name, cmd, f, time.perf_counter(),
+                          subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT)))
+        failed = []
+        for name, cmd, f, t0, proc in procs:
+            rc = proc.wait()
+            f.close()
+            self.times[name] = time.perf_counter() - t0
+            if rc != 0:
+                failed.append(f"{name} (exit {rc}, see {self.out / (name + '.log')})")
+        if failed:
+            raise SystemExit("demo: failed: " + "; ".join(failed))
+
+
+def dataset_matches(data: Path, seed: int, counts: dict[str, int | None]) -> bool:
+    meta = data / "meta.json"
+    if not meta.is_file():
+        return False
+    m = json.loads(meta.read_text())
+    want = {k: v for k, v in counts.items() if v is not None}
+    return m.get("seed") == seed and m.get("style") == "demo" and all(m.get(k) == v for k, v in want.items())
+
+
+def print_summary(metrics: dict, times: dict[str, float], out: Path) -> None:
+    rnd = metrics.get("random", {})
+    rows = [("all", metrics, rnd)] + [(c, metrics.get(c, {}), rnd.get(c, {})) for c in CATEGORIES]
+    print("\n=== demo results on the synthetic test set (official scorer) ===")
+    print(f"{'category':<10}{'official mAP@10':>17}{'random':>9}{'x random':>10}{'R@1':>8}{'random R@1':>12}")
+    for name, m, r in rows:
+        if not m:
+            continue
+        ratio = m["official_map10"] / r["official_map10"] if r.get("official_map10") else float("nan")
+        print(f"{name:<10}{m['official_map10']:>17.3f}{r.get('official_map10', float('nan')):>9.3f}{ratio:>10.1f}"
+              f"{m['r1']:>8.3f}{r.get('r1', float('nan')):>12.3f}")
+    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    print(f"outputs: {out}/infer_json_all.json, {out}/pt_out_*/training_curves.png, {out}/contact_sheet_*.html")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    data, out = Path(args.data), Path(args.out)
+    if args.fresh:
+        for p in (data, out):
+            shutil.rmtree(ROOT / p, ignore_errors=True)
+    (ROOT / out).mkdir(parents=True, exist_ok=True)
+    r = Runner(ROOT / out, args.threads)
+    t_start = time.perf_counter()
+    spm = "model_pth/demo/beit3_demo.spm"  # train_tokenizer.py's default place (git-ignored)
+    train_dir, test_dir = data / "train", data / "test"
+
+    # 0. data and tokenizer
+    counts = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
+    if dataset_matches(ROOT / data, args.seed, counts):
+        log.info("[dataset] reusing %s", data)
+    else:
+        extra = [x for k, v in counts.items() if v is not None for x in (f"--{k}", str(v))]
+        r.run("dataset", "code/make_demo_dataset.py", ["--out", str(data), "--seed", str(args.seed), "--force", *extra])
+    r.run("tokenizer", "code/train_tokenizer.py",
+          ["--labels", str(train_dir / "train_label.txt"), str(train_dir / "val_label.txt"), "--out", spm])
+
+    # 1. detection and cleaning (train and val in parallel)
+    det = ["--data_path", str(train_dir), "--det_config", DET_CONFIG, "--det_checkpoint", DET_CHECKPOINT,
+           "--device", "cpu", "--threads", str(args.threads)]
+    r.run_parallel([("det_train", "train_det_cls.py", det), ("det_val", "val_det_cls.py", det)], args.parallel)
+
+    # 2. per-category indexes
+    r.run("flickr30k_index", "code/data2flickr30k.py", ["--data_path", str(train_dir), "--sentencepiece_model", spm])
+
+    # 3. fine-tuning, both categories in parallel
+    flags = list(TRAIN_FLAGS)
+    if args.epochs is not None:
+        flags[flags.index("--epochs") + 1] = str(args.epochs)
+    jobs = [(f"train_{c}", "code/run_beit3_finetuning.py",
+             ["--category", c, "--model", MODEL, "--input_size", INPUT_SIZE, "--task", "flickr30k",
+              "--data_path", str(train_dir), "--sentencepiece_model", spm, "--output_dir", str(out / f"pt_out_{c}"),
+              "--log_dir", str(out / "logs" / c), "--seed", str(args.seed), "--device", "cpu",
+              "--threads", str(args.threads), "--auto_resume", *flags])
+            for c in CATEGORIES]
+    r.run_parallel(jobs, args.parallel)
+
+    # 4. test index, with image categories from the detector
+    r.run("test_index", "code/jsonl_test.py", ["--data_path", str(test_dir), "--sentencepiece_model", spm, "--detect",
+                                               "--det_config", DET_CONFIG, "--det_checkpoint", DET_CHECKPOINT])
+
+    # 5. inference -> submission file
+    r.run("infer", "code/infer.py",
+          ["--model", MODEL, "--input_size", INPUT_SIZE, "--task", "flickr30k", "--data_path", str(test_dir),
+           "--sentencepiece_model", spm, "--finetune_car", str(out / "pt_out_car" / "checkpoint-best.pth"),
+           "--finetune_people", str(out / "pt_out_people" / "checkpoint-best.pth"), "--output_dir", str(out),
+           "--device", "cpu", "--threads", str(args.threads), "--batch_size", "64"])
+
+    # scoring, with the random-ranking baseline
+    scores = json.loads(r.run("evaluate", "code/evaluate.py",
+                              ["--results", str(out / "infer_json_all.json"), "--gt", str(test_dir / "test_gt.txt"),
+                               "--gallery", str(test_dir / "test_images"), "--json"], capture=True))
+    (ROOT / out / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
+
+    # contact sheets: the first few queries of each category with their own model
+    queries = json.loads((ROOT / test_dir / "test_order.json").read_text())
+    texts = (ROOT / test_dir / "test.txt").read_text(encoding="utf-8").splitlines()
+    for c in CATEGORIES:
+        picked = [t for t, cat in zip(texts, queries["category"]) if cat == c][:6]
+        qfile = ROOT / out / f"queries_{c}.txt"
+        qfile.write_text("".join(t + "\n" for t in picked), encoding="utf-8")
+        r.run(f"search_{c}", "code/search.py",
+              ["--images", str(test_dir / "test_images"), "--queries", str(qfile), "--model", MODEL,
+               "--input_size", INPUT_SIZE, "--finetune", str(out / f"pt_out_{c}" / "checkpoint-best.pth"),
+               "--sentencepiece_model", spm, "--gt", str(test_dir / "test_gt.txt"), "--k", "10",
+               "--html", str(out / f"contact_sheet_{c}.html"), "--cache_dir", str(out / "search_cache"),
+               "--device", "cpu"], capture=True)
+
+    r.times["total"] = time.perf_counter() - t_start
+    print_summary(scores, r.times, out)
+    return scores
+
+
+if __name__ == "__main__":
+    main()
