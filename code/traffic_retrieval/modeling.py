@@ -46,6 +46,10 @@ class BEiT3Config:
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing from 0 at layer 0 to this at the last
     layernorm_eps: float = 1e-5
     checkpoint_activations: bool = False  # recompute each layer in backward to save memory
+    # Init of the position tables when training from scratch: 1.0 is the official (nn.Embedding's N(0, 1)); such
+    # large positions swamp the patch and token embeddings of an untrained model, which then sits on a plateau at
+    # loss ln(batch) for many epochs. The from-scratch demo config uses 0.02, as ViTs do. Loaded weights replace it.
+    pos_init_std: float = 1.0
 
     @property
     def num_patches(self) -> int:
@@ -140,10 +144,10 @@ class EncoderLayer(nn.Module):
 class PositionTable(nn.Module):
     """A learned absolute position table read from row 2 on (the fairseq offset)."""
 
-    def __init__(self, rows: int, dim: int) -> None:
+    def __init__(self, rows: int, dim: int, init_std: float = 1.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(rows, dim))
-        nn.init.normal_(self.weight)  # nn.Embedding's default init, as in torchscale
+        nn.init.normal_(self.weight, std=init_std)  # std 1: nn.Embedding's default init, as in torchscale
 
     def forward(self, length: int) -> Tensor:
         if POSITION_OFFSET + length > self.weight.shape[0]:
@@ -156,8 +160,8 @@ class PositionEmbeddings(nn.Module):
 
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
-        self.A = PositionTable(cfg.num_patches + 1 + POSITION_OFFSET, cfg.embed_dim)
-        self.B = PositionTable(cfg.max_text_positions, cfg.embed_dim)
+        self.A = PositionTable(cfg.num_patches + 1 + POSITION_OFFSET, cfg.embed_dim, cfg.pos_init_std)
+        self.B = PositionTable(cfg.max_text_positions, cfg.embed_dim, cfg.pos_init_std)
 
     def forward(self, length: int, split: int) -> Tensor:
         if split == ALL_VISION:
@@ -296,7 +300,8 @@ MODEL_CONFIGS: dict[str, BEiT3Config] = {
     "beit3_large_patch16_384": replace(_LARGE, img_size=384),
     # Tiny configs: not official; for tests (nano) and the from-scratch CPU demo (tiny).
     "beit3_nano_patch16_32": BEiT3Config(img_size=32, embed_dim=64, depth=2, num_heads=4, vocab_size=1024, max_text_positions=128),
-    "beit3_tiny_patch8_64": BEiT3Config(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, vocab_size=1024, max_text_positions=128),
+    "beit3_tiny_patch8_64": BEiT3Config(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, vocab_size=1024,
+                                        max_text_positions=128, pos_init_std=0.02),
 }
 
 

@@ -1,0 +1,64 @@
+"""The README stays true: every command it shows names a script that exists and flags that script accepts."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    """Shell commands of the README's ```sh blocks, continuation lines joined, comments dropped."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    cmds = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                cmds.append(line)
+    return cmds
+
+
+def _flags(cmd: str) -> list[str]:
+    # optional parts are shown in brackets and alternatives after "|": every --flag of the line must exist
+    return sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", cmd)))
+
+
+def _accepted(script: Path, capsys) -> str:
+    """The --help text of a stage script, from its own parse_args."""
+    ns = runpy.run_path(str(script), run_name="readme_check")
+    with pytest.raises(SystemExit):
+        ns["parse_args"](["--help"])
+    return capsys.readouterr().out
+
+
+COMMANDS = readme_commands()
+
+
+def test_readme_has_commands():
+    assert len(COMMANDS) >= 10
+    assert any(c.startswith("make demo") for c in COMMANDS) and any(c.startswith("make test") for c in COMMANDS)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_command_is_real(cmd, capsys):
+    words = shlex.split(cmd.replace("[", " ").replace("]", " ").replace("|", " "))
+    if words[0] == "make":
+        targets = re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
+        assert words[1] in targets, cmd
+        return
+    while "=" in words[0]:  # VAR=value prefixes
+        words.pop(0)
+    if words[0] in ("bash", "python", "torchrun"):
+        script = next(w for w in words[1:] if w.endswith((".py", ".sh")))
+        assert (ROOT / script).is_file(), f"README names a missing script: {script}"
+        if script.endswith(".py"):
+            help_text = _accepted(ROOT / script, capsys)
+            missing = [f for f in _flags(cmd) if f not in help_text and not f.startswith("--nproc")]
+            missing = [f for f in missing if f not in ("--nnodes", "--node_rank", "--master_addr", "--master_port")]
+            assert not missing, f"{script} does not accept {missing} (README: {cmd})"
