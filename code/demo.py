@@ -35,7 +35,7 @@ CATEGORIES = ("car", "people")
 # The demo recipe: a 4-layer, 128-wide BEiT-3 at 64 px trained from scratch on each category.
 MODEL = "beit3_tiny_patch8_64"
 INPUT_SIZE = "64"
-TRAIN_FLAGS = ["--epochs", "12", "--warmup_epochs", "1", "--batch_size", "64", "--lr", "1e-3", "--min_lr", "1e-5",
+TRAIN_FLAGS = ["--epochs", "30", "--warmup_epochs", "2", "--batch_size", "32", "--lr", "5e-4", "--min_lr", "1e-5",
                "--layer_decay", "1.0", "--weight_decay", "0.05", "--drop_path", "0.0", "--save_ckpt_freq", "100",
                "--train_crop", "official", "--people_pad", "0"]
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
           ["--model", MODEL, "--input_size", INPUT_SIZE, "--task", "flickr30k", "--data_path", str(test_dir),
            "--sentencepiece_model", spm, "--finetune_car", str(out / "pt_out_car" / "checkpoint-best.pth"),
            "--finetune_people", str(out / "pt_out_people" / "checkpoint-best.pth"), "--output_dir", str(out),
-           "--device", "cpu", "--threads", str(args.threads), "--batch_size", "64"])
+           "--device", "cpu", "--threads", str(args.threads), "--batch_size", "64", "--restrict_to_category"])
 
     # scoring, with the random-ranking baseline
     scores = json.loads(r.run("evaluate", "code/evaluate.py",
