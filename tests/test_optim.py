@@ -177,6 +177,7 @@ def test_deepspeed_config_official_fp16():
         },
         "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1},
+        "gradient_clipping": 0.0,  # the official "no clipping", written out (DeepSpeed 0.19 defaults to 1.0)
     }
 
 
@@ -189,7 +190,8 @@ def test_deepspeed_config_options():
     assert cfg["gradient_clipping"] == 3.0 and cfg["steps_per_print"] == 5
     assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5e8}
     cfg = deepspeed_config(**common, precision="fp32", zero_stage=1, initial_scale_power=7)
-    assert "fp16" not in cfg and "bf16" not in cfg and "gradient_clipping" not in cfg
+    # no clipping is written as 0: DeepSpeed 0.19 clips at 1.0 when the key is absent
+    assert "fp16" not in cfg and "bf16" not in cfg and cfg["gradient_clipping"] == 0.0
     assert cfg["zero_optimization"]["stage"] == 1
     assert "zero_optimization" not in deepspeed_config(**common, precision="fp32", zero_stage=0)
     assert deepspeed_config(**common, precision="fp16", initial_scale_power=7)["fp16"]["initial_scale_power"] == 7

@@ -162,7 +162,8 @@ def deepspeed_config(
       torch's Adam always corrects the bias, so the official ``bias_correction: true`` is implied, not written
       (torch would reject the key). The official file puts ``adam_w_mode`` beside ``params``, where DeepSpeed does not
       read it; its default there is true, which is what it meant, so here it goes inside ``params``.
-    - ``gradient_clipping`` only when ``clip_grad`` is given (the retrieval recipe gives none).
+    - ``gradient_clipping``: ``clip_grad``, or 0 (off) when it is None, as in the official recipe. The key is always
+      written because DeepSpeed 0.19 clips at 1.0 when it is absent.
     - ``zero_optimization`` only for stage 1 or 2, with ``reduce_bucket_size`` 5e8.
     """
     for name, value in (("batch_size", batch_size), ("update_freq", update_freq), ("world_size", world_size)):
@@ -199,8 +200,7 @@ def deepspeed_config(
         }
     elif precision == "bf16":
         config["bf16"] = {"enabled": True}
-    if clip_grad is not None:
-        config["gradient_clipping"] = clip_grad
+    config["gradient_clipping"] = 0.0 if clip_grad is None else clip_grad
     if zero_stage >= 1:
         config["zero_optimization"] = {"stage": zero_stage, "reduce_bucket_size": 5e8}
     return config

@@ -302,12 +302,10 @@ def build_optimizer(cfg: TrainConfig, model: BEiT3Retrieval, info: D.DistInfo, d
     groups = param_groups_layer_decay(model, o.weight_decay, o.layer_decay, model.cfg.depth, model.no_weight_decay())
     loss_fn = ContrastiveLoss(gather=True, dedup=cfg.data.dedup != "none")
     if cfg.runtime.enable_deepspeed:
-        # DeepSpeed 0.19.8 clips at 1.0 when the config has no "gradient_clipping" (its GRADIENT_CLIPPING_DEFAULT);
-        # the official recipe means no clipping (beit3.md 5.4), which must therefore be written as 0.
         ds_cfg = deepspeed_config(batch_size=o.batch_size, update_freq=o.update_freq, world_size=info.world_size,
                                   lr=o.lr, weight_decay=o.weight_decay, betas=o.opt_betas, eps=o.opt_eps,
                                   precision=precision, zero_stage=cfg.runtime.zero_stage,
-                                  clip_grad=o.clip_grad if o.clip_grad is not None else 0.0,
+                                  clip_grad=o.clip_grad,
                                   initial_scale_power=cfg.runtime.initial_scale_power)
         engine, optimizer = deepspeed_initialize(model, groups, ds_cfg)
         return Trainer(model, DeepSpeedUpdater(engine, optimizer, loss_fn), None, ds_cfg, "fp32")
