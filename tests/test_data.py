@@ -188,3 +188,17 @@ def test_eval_split_gallery_queries_and_relevance() -> None:
     assert torch.equal(num_relevant, brute.sum(1))
     assert brute[1].tolist() == [False, True, True, False, False]  # PED_B includes every bit of PED_A, same gender
     assert brute[3].tolist() == [False, False, True, False, False]  # but not the other way round
+
+
+def test_resize_train_crop_keeps_the_whole_image() -> None:
+    from PIL import Image
+
+    from traffic_retrieval.transforms import eval_transform, train_transform
+
+    img = Image.new("RGB", (30, 60), (10, 200, 30))
+    img.paste((250, 0, 0), (0, 0, 30, 6))  # a red "hat" band at the top that a crop could cut off
+    out = train_transform(32, crop="resize")(img)
+    ref = eval_transform(32)(img)
+    assert out.shape == (3, 32, 32)
+    # identical up to the random horizontal flip (the image is symmetric left-right)
+    assert torch.allclose(out, ref, atol=1e-6)

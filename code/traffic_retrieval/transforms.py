@@ -9,6 +9,7 @@ Train, by ``--train_crop``:
 - ``people``: pad ``people_pad`` black pixels left and right, then a crop of scale 0.5 to 1 whose horizontal offset is
   drawn from a binomial (so crops stay near the centre, where the pedestrian is), + flip (the 4th place's pedestrian
   transform). With ``people_pad > 0`` the eval transform pads the same way, so train and test see the same framing.
+- ``resize``: the eval resize + flip, no crop (for small from-scratch models on small images).
 ``randaug`` adds the official RandAugment (2 ops, magnitude 7 of 10, each applied with probability 0.5).
 """
 
@@ -26,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 MEAN = STD = (0.5, 0.5, 0.5)  # timm IMAGENET_INCEPTION_MEAN / STD, used by BEiT-3
-TRAIN_CROPS = ("official", "car", "people")
+TRAIN_CROPS = ("official", "car", "people", "resize")
 
 
 class PadSides:
@@ -115,6 +116,8 @@ def train_transform(input_size: int, crop: str = "official", randaug: bool = Fal
         raise ValueError(f"unknown train crop {crop!r}; choose one of {TRAIN_CROPS}")
     if crop == "people":
         ops: list = [PadSides(people_pad), CentreBiasedCrop(input_size, scale=(0.5, 1.0))]
+    elif crop == "resize":  # no crop at all: keeps small attributes (a hat, a bag) that a random crop can cut off
+        ops = [T.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC)]
     else:
         scale = (0.2, 1.0) if crop == "car" else (0.5, 1.0)
         ops = [T.RandomResizedCrop(input_size, scale=scale, interpolation=InterpolationMode.BICUBIC)]
