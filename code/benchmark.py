@@ -17,7 +17,7 @@ import torch
 from traffic_retrieval import runtime
 from traffic_retrieval.bench import run
 from traffic_retrieval.modeling import list_models
-from traffic_retrieval.precision import PRECISIONS
+from traffic_retrieval.precision import PRECISIONS, default_precision
 
 SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text", "infer_stage")
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.precision = args.precision or default_precision(args.device)
     args.encode_batch = args.encode_batch or 4 * args.batch_size
     args.text_batch = args.text_batch or 16 * args.batch_size
     args.peak_n = args.peak_n or (8192 if cuda else 1024)

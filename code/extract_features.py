@@ -24,7 +24,7 @@ from traffic_retrieval.checkpoint import CheckpointError, load_weights
 from traffic_retrieval.encoding import encode_images, encode_texts, list_images
 from traffic_retrieval.fileio import atomic_open
 from traffic_retrieval.modeling import create_model, list_models
-from traffic_retrieval.precision import PRECISIONS
+from traffic_retrieval.precision import PRECISIONS, default_precision
 from traffic_retrieval.tokenizer import Tokenizer
 from traffic_retrieval.transforms import eval_transform
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runtime.setup(args.threads)
     device = runtime.resolve_device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision or default_precision(device)
 
     model = create_model(args.model, img_size=args.input_size)
     try:

@@ -19,12 +19,11 @@ from traffic_retrieval.data import (
     collate_pairs,
     group_key,
     index_file,
-    query_tokens,
     read_index,
-    shard,
     steps_per_epoch,
     train_sampler,
 )
+from traffic_retrieval.distributed import shard
 from traffic_retrieval.loss import ContrastiveLoss, group_ids_for
 from traffic_retrieval.tokenizer import batch_inputs
 from traffic_retrieval.transforms import eval_transform
@@ -168,7 +167,7 @@ def test_shards_concatenate_to_the_whole() -> None:
         for world in (1, 2, 3):
             parts = [shard(n, r, world) for r in range(world)]
             assert [i for p in parts for i in p] == list(range(n))
-    tokens, mask = query_tokens([], 64)
+    tokens, mask = batch_inputs([], 64)
     assert tokens.shape == mask.shape == (0, 64)
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .images import load_rgb
 from .indexing import jsonl_index_path
-from .tokenizer import PAD_ID, batch_inputs
+from .tokenizer import batch_inputs
 
 log = logging.getLogger(__name__)
 
@@ -256,15 +256,3 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(load_rgb(self.root / self.paths[i]))
-
-
-def shard(n: int, rank: int, world_size: int) -> range:
-    """Contiguous share of ``range(n)`` for ``rank``: concatenating the shards in rank order gives ``range(n)``."""
-    return range(n * rank // world_size, n * (rank + 1) // world_size)
-
-
-def query_tokens(segments: Sequence[Sequence[int]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token and padding-mask tensors [N, max_len] for stored segments (empty tensors for no segment)."""
-    if not segments:
-        return torch.full((0, max_len), PAD_ID, dtype=torch.long), torch.ones(0, max_len, dtype=torch.long)
-    return batch_inputs(segments, max_len)

@@ -179,3 +179,29 @@ def all_gather_concat(t: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a single process)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself in a single process)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard(n: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """Contiguous share of ``range(n)`` for ``rank`` (default: this process): concatenating the shards in rank
+    order gives ``range(n)``, so a gather in rank order keeps the order."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return range(n * rank // world_size, n * (rank + 1) // world_size)

@@ -28,9 +28,18 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .categories import is_relevant
-from .data import EvalSplit, ImageDataset, query_tokens, shard
-from .distributed import all_gather_concat, get_rank, get_world_size, is_dist_ready, is_main_process
+from .data import EvalSplit, ImageDataset
+from .distributed import (
+    all_gather_concat,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_dist_ready,
+    is_main_process,
+    shard,
+)
 from .encoding import encode_token_batches
+from .tokenizer import batch_inputs
 from .loss import ContrastiveLoss, group_ids_for
 from .metrics import retrieval_metrics
 from .optim import apply_lr
@@ -259,20 +268,16 @@ def evaluate(
         input_dtype: dtype to cast images to (a DeepSpeed fp16/bf16 module), or None.
     """
     model.eval()
-    rank, world = get_rank(), get_world_size()
-    gallery = _encode_gallery(model, dataset, shard(len(dataset), rank, world), batch_size=batch_size, device=device,
+    gallery = _encode_gallery(model, dataset, shard(len(dataset)), batch_size=batch_size, device=device,
                               precision=precision, input_dtype=input_dtype, num_workers=num_workers)
-    q_rows = shard(len(split.query_segments), rank, world)
-    tokens, mask = query_tokens([split.query_segments[i] for i in q_rows], max_len)
-    queries = (encode_token_batches(model, tokens, mask, batch_size=batch_size, device=device, precision=precision)
-               if len(q_rows) else torch.empty(0, model.cfg.embed_dim, device=device))
+    q_rows = shard(len(split.query_segments))
+    tokens, mask = batch_inputs([split.query_segments[i] for i in q_rows], max_len)
+    queries = encode_token_batches(model, tokens, mask, batch_size=batch_size, device=device, precision=precision)
     gallery, queries = all_gather_concat(gallery).cpu(), all_gather_concat(queries.float()).cpu()
-    metrics: list[dict[str, float] | None] = [None]
-    if rank == 0:
+    metrics: dict[str, float] | None = None
+    if get_rank() == 0:
         relevant, num_relevant = split.relevance(is_relevant)
         _, top = topk_similarity(queries, gallery, k=min(10, len(gallery)))
-        metrics[0] = {**retrieval_metrics(top, relevant, num_relevant=num_relevant),
-                      "n_queries": len(queries), "n_images": len(gallery)}
-    if world > 1:
-        dist.broadcast_object_list(metrics, src=0)
-    return metrics[0]
+        metrics = {**retrieval_metrics(top, relevant, num_relevant=num_relevant),
+                   "n_queries": len(queries), "n_images": len(gallery)}
+    return broadcast_object(metrics)

@@ -44,7 +44,18 @@ from tqdm import tqdm
 from .categories import CATEGORIES, attribute_category, split_coded_name, text_category
 from .fileio import write_json, write_jsonl, write_text
 from .images import check_image
-from .labels import SEP, LabelFormatError, LabelRecord, LineProblem, format_problems, read_label_file, read_test_text
+from .labels import (
+    SEP,
+    LabelFormatError,
+    LabelRecord,
+    LineProblem,
+    decode_line,
+    format_problems,
+    printable_line,
+    raw_lines,
+    read_label_file,
+    read_test_text,
+)
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -250,19 +261,12 @@ def read_image_categories(path: str | os.PathLike) -> dict[str, str]:
         LabelFormatError: a line without exactly two fields, an unknown category or a repeated name (file:line).
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image category file not found: {p}")
     out: dict[str, str] = {}
     problems: list[LineProblem] = []
-    data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")
-    lines = [ln.removesuffix(b"\r") for ln in data.split(b"\n")]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for i, raw in enumerate(lines, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            problems.append(LineProblem(str(p), i, "not valid UTF-8", raw.decode("utf-8", "backslashreplace")))
+    for i, raw in enumerate(raw_lines(p, "image category file"), start=1):
+        text = decode_line(raw)
+        if text is None:
+            problems.append(LineProblem(str(p), i, "not valid UTF-8", printable_line(raw)))
             continue
         fields = text.split(SEP)
         if len(fields) != 2 or not fields[0]:

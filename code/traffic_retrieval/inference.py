@@ -43,14 +43,23 @@ import torch.distributed as dist
 
 from .categories import CATEGORIES
 from .checkpoint import CheckpointError, load_checkpoint_file, load_state, resolve_checkpoint_path
-from .distributed import all_gather_concat, barrier, get_rank, get_world_size, is_main_process
+from .distributed import (
+    all_gather_concat,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    shard,
+)
 from .encoding import ImageFeatures, encode_images, encode_token_batches
 from .fileio import torch_save, write_json
 from .indexing import TEST_IMAGE_DIR
 from .labels import read_ground_truth, read_test_text
 from .metrics import score_results
 from .modeling import BEiT3Retrieval, create_model
-from .precision import get_autocast
+from .precision import default_precision, get_autocast
 from .retrieval import FaissIndex, topk_similarity
 from .runtime import resolve_device
 from .submission import write_submission
@@ -339,26 +348,12 @@ def _save_cache(path: Path, spec: FeatureSpec, names: Sequence[str], stamps: Map
                 "features": torch.stack(rows) if rows else torch.empty(0, dim)}, path)
 
 
-def _shard(n: int) -> tuple[int, int]:
-    """This rank's contiguous share [lo, hi) of n items (contiguous, so a gather in rank order keeps the order)."""
-    rank, world = get_rank(), get_world_size()
-    return n * rank // world, n * (rank + 1) // world
-
-
 def _gather_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """all_gather_concat on the device the backend needs (NCCL gathers CUDA tensors only), back on the CPU."""
     if get_world_size() == 1:
         return t.cpu()
     dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
     return all_gather_concat(t.to(dev)).cpu()
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    if get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def encode_images_sharded(model: torch.nn.Module, paths: Sequence[Path], transform: Callable, *, batch_size: int,
@@ -368,14 +363,15 @@ def encode_images_sharded(model: torch.nn.Module, paths: Sequence[Path], transfo
     if get_world_size() == 1:
         return encode_images(model, paths, transform, batch_size=batch_size, device=device, precision=precision,
                              num_workers=num_workers, desc=desc)
-    lo, hi = _shard(len(paths))
+    part_rows = shard(len(paths))
+    lo, hi = part_rows.start, part_rows.stop
     part = encode_images(model, paths[lo:hi], transform, batch_size=batch_size, device=device, precision=precision,
                          num_workers=num_workers, desc=f"{desc} [rank {get_rank()}]")
     where = {p: lo + j for j, p in enumerate(paths[lo:hi])}
     kept = torch.tensor([where[p] for p in part.paths], dtype=torch.long)
     features = _gather_rows(part.features, device)
     kept = _gather_rows(kept, device)
-    failed = [(Path(p), r) for rank_failed in _gather_objects([(str(p), r) for p, r in part.failed])
+    failed = [(Path(p), r) for rank_failed in all_gather_objects([(str(p), r) for p, r in part.failed])
               for p, r in rank_failed]
     return ImageFeatures([Path(paths[i]) for i in kept.tolist()], features, failed)
 
@@ -401,9 +397,7 @@ def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureS
     stamps = {p.name: file_stamp(p) for p in paths}
     cached = _load_cache(cache_path, spec) if cache_path is not None else {}
     todo = [p for p in paths if p.name not in cached or cached[p.name][0] != stamps[p.name]]
-    if get_world_size() > 1:
-        # Every rank must encode the same list; rank 0's view of the cache decides.
-        todo = _broadcast(todo)
+    todo = broadcast_object(todo)  # every rank must encode the same list: rank 0's view of the cache decides
     log.info("%s: %d images, %d from the cache, %d to encode", desc, len(paths), len(paths) - len(todo), len(todo))
     feats = {n: v[1] for n, v in cached.items() if v[1] is not None}
     failed = {n: v[2] for n, v in cached.items() if v[2] is not None}
@@ -428,23 +422,14 @@ def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureS
     return ImageFeatures(ok, features, bad)
 
 
-def _broadcast(obj: Any) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def encode_queries_sharded(model: torch.nn.Module, segments: Sequence[Sequence[int]], max_len: int, *,
                            batch_size: int, device: torch.device, precision: str,
                            desc: str = "queries") -> torch.Tensor:
     """Text features [N, D] (float32, CPU) of token id lists; every rank encodes a contiguous shard, gathered."""
-    lo, hi = _shard(len(segments))
-    if hi > lo:
-        tokens, mask = batch_inputs(segments[lo:hi], max_len)
-        feats = encode_token_batches(model, tokens, mask, batch_size=batch_size, device=device,
-                                     precision=precision, desc=desc)
-    else:  # more ranks than queries
-        feats = torch.empty(0, model.cfg.embed_dim, device=device)
+    rows = shard(len(segments))
+    tokens, mask = batch_inputs(segments[rows.start:rows.stop], max_len)  # may be empty: more ranks than queries
+    feats = encode_token_batches(model, tokens, mask, batch_size=batch_size, device=device, precision=precision,
+                                 desc=desc)
     return _gather_rows(feats, device)
 
 
@@ -517,10 +502,6 @@ def output_paths(output_dir: str | os.PathLike) -> dict[str, Path]:
     return {**{c: out / f"infer_json_{c}.json" for c in CATEGORIES}, "all": out / "infer_json_all.json"}
 
 
-def _default_precision(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def run_inference(cfg: InferConfig) -> dict[str, Any]:
     """Encode, rank and write the submission files (see the module docstring); the caller sets up the process
     group for a distributed run. Every rank returns; only rank 0 ranks, writes and gets the full summary.
@@ -539,7 +520,7 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and get_world_size() > 1 and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # init_distributed selected LOCAL_RANK's GPU
-    precision = cfg.precision or _default_precision(device)
+    precision = cfg.precision or default_precision(device)
     get_autocast(precision, device)  # fails fast on e.g. fp16 on the CPU, before any slow step
     gt_path = Path(cfg.gt) if cfg.gt else Path(cfg.data_path) / "test_gt.txt"
     if cfg.evaluate and not gt_path.is_file():

@@ -60,7 +60,7 @@ class LineProblem:
         return f"{self.path}:{self.line_no}: {self.reason}: {self.text!r}"
 
 
-def _raw_lines(path: str | os.PathLike, what: str) -> list[bytes]:
+def raw_lines(path: str | os.PathLike, what: str) -> list[bytes]:
     """The file's lines as bytes: BOM dropped, one line end (LF or CRLF) removed, trailing blank lines dropped."""
     p = Path(path)
     if not p.is_file():
@@ -75,14 +75,14 @@ def _raw_lines(path: str | os.PathLike, what: str) -> list[bytes]:
     return lines
 
 
-def _decode(raw: bytes) -> str | None:
+def decode_line(raw: bytes) -> str | None:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
 
 
-def _shown(raw: bytes) -> str:
+def printable_line(raw: bytes) -> str:
     """A printable form of a raw line for messages (bad bytes as \\x escapes)."""
     return raw.decode("utf-8", errors="backslashreplace")
 
@@ -101,10 +101,10 @@ def read_label_file(path: str | os.PathLike) -> tuple[list[LabelRecord], list[Li
     records: list[LabelRecord] = []
     problems: list[LineProblem] = []
     seen: dict[str, int] = {}
-    for i, raw in enumerate(_raw_lines(path, "label file"), start=1):
-        text = _decode(raw)
+    for i, raw in enumerate(raw_lines(path, "label file"), start=1):
+        text = decode_line(raw)
         if text is None:
-            problems.append(LineProblem(spath, i, "not valid UTF-8", _shown(raw)))
+            problems.append(LineProblem(spath, i, "not valid UTF-8", printable_line(raw)))
             continue
         if not text.strip():
             problems.append(LineProblem(spath, i, "blank line", text))
@@ -176,10 +176,10 @@ def read_test_text(path: str | os.PathLike) -> list[str]:
     """
     queries: list[str] = []
     problems: list[LineProblem] = []
-    for i, raw in enumerate(_raw_lines(path, "query file"), start=1):
-        text = _decode(raw)
+    for i, raw in enumerate(raw_lines(path, "query file"), start=1):
+        text = decode_line(raw)
         if text is None:
-            problems.append(LineProblem(str(path), i, "not valid UTF-8", _shown(raw)))
+            problems.append(LineProblem(str(path), i, "not valid UTF-8", printable_line(raw)))
         elif not text.strip():
             problems.append(LineProblem(str(path), i, "blank line", text))
         elif SEP in text:
@@ -202,10 +202,10 @@ def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
     """
     rows: list[tuple[str, list[str]]] = []
     problems: list[LineProblem] = []
-    for i, raw in enumerate(_raw_lines(path, "ground-truth file"), start=1):
-        text = _decode(raw)
+    for i, raw in enumerate(raw_lines(path, "ground-truth file"), start=1):
+        text = decode_line(raw)
         if text is None:
-            problems.append(LineProblem(str(path), i, "not valid UTF-8", _shown(raw)))
+            problems.append(LineProblem(str(path), i, "not valid UTF-8", printable_line(raw)))
             continue
         if not text.strip():
             problems.append(LineProblem(str(path), i, "blank line", text))

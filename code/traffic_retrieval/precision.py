@@ -19,6 +19,11 @@ def _check(precision: str, device: torch.device) -> None:
         raise ValueError("precision fp16 is not supported on cpu (slow and unscaled there); use bf16 or fp32")
 
 
+def default_precision(device: torch.device | str) -> str:
+    """What inference uses when the user names none: bf16 on a GPU, fp32 on the CPU."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a precision (None for fp32)."""
     if precision not in PRECISIONS:

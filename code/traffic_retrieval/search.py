@@ -31,6 +31,7 @@ from .inference import FeatureSpec, encode_gallery, load_model, rank_gallery, re
 from .labels import read_ground_truth, read_test_text
 from .metrics import average_precision_at_k, official_ap
 from .modeling import BEiT3Retrieval
+from .precision import default_precision
 from .runtime import resolve_device
 from .tokenizer import Tokenizer
 
@@ -127,7 +128,7 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
     if not paths:
         raise ValueError(f"no image file (.jpg, .png, ...) directly inside {images}")
     dev = resolve_device(device)
-    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    precision = precision or default_precision(dev)
     tokenizer = Tokenizer(sentencepiece_model)
     ckpt = resolve_checkpoint_path(checkpoint)
     what = f"--finetune {ckpt}"

@@ -74,33 +74,31 @@ class Tokenizer:
 
     def build_input(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
         """Add bos/eos, truncate and pad ``ids`` to ``max_len``; returns ``(tokens, padding_mask)``."""
-        ids = list(ids)[: self.max_len - 2]
-        tokens = [BOS_ID] + ids + [EOS_ID]
-        n_pad = self.max_len - len(tokens)
-        return tokens + [PAD_ID] * n_pad, [0] * len(tokens) + [1] * n_pad
+        return build_input(ids, self.max_len)
 
     def __call__(self, texts: str | Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize one text or a batch into ``(tokens [B, max_len], padding_mask [B, max_len])`` long tensors."""
         if isinstance(texts, str):
             texts = [texts]
-        toks, masks = zip(*(self.build_input(self.encode(t)) for t in texts)) if texts else ((), ())
-        if not toks:
-            return torch.empty(0, self.max_len, dtype=torch.long), torch.empty(0, self.max_len, dtype=torch.long)
-        return torch.tensor(toks, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
+        return batch_inputs([self.encode(t) for t in texts], self.max_len)
+
+
+def build_input(ids: Sequence[int], max_len: int = DEFAULT_MAX_LEN) -> tuple[list[int], list[int]]:
+    """``[bos] + ids[:max_len - 2] + [eos]`` padded to ``max_len``, and its padding mask (1 at pads)."""
+    tokens = [BOS_ID] + list(ids)[: max_len - 2] + [EOS_ID]
+    n_pad = max_len - len(tokens)
+    return tokens + [PAD_ID] * n_pad, [0] * len(tokens) + [1] * n_pad
 
 
 def batch_inputs(
     segments: Sequence[Sequence[int]], max_len: int = DEFAULT_MAX_LEN
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn stored ``text_segment`` id lists (no bos/eos) into ``(tokens, padding_mask)`` tensors."""
-    toks, masks = [], []
-    for ids in segments:
-        ids = list(ids)[: max_len - 2]
-        t = [BOS_ID] + ids + [EOS_ID]
-        n_pad = max_len - len(t)
-        toks.append(t + [PAD_ID] * n_pad)
-        masks.append([0] * len(t) + [1] * n_pad)
-    return torch.tensor(toks, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
+    """Turn stored ``text_segment`` id lists (no bos/eos) into ``(tokens, padding_mask)`` tensors [N, max_len]
+    (also for N = 0)."""
+    pairs = [build_input(ids, max_len) for ids in segments]
+    toks = torch.tensor([t for t, _ in pairs], dtype=torch.long).reshape(len(pairs), max_len)
+    masks = torch.tensor([m for _, m in pairs], dtype=torch.long).reshape(len(pairs), max_len)
+    return toks, masks
 
 
 def train_sentencepiece(
