@@ -16,13 +16,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .images import load_rgb
+from .images import IMAGE_EXTENSIONS, load_rgb
 from .precision import get_autocast
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class ImageReadError(ValueError):
@@ -70,8 +70,3 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return _decode(Path(path))
     except ImageReadError as e:
         raise ImageReadError(f"{path}: {e}") from None
-
-
-def is_image_name(name: str) -> bool:
-    """Whether a file name has one of the image extensions the stages look for."""
-    return name.lower().endswith(IMAGE_EXTENSIONS)

@@ -271,9 +271,6 @@ class BEiT3Retrieval(nn.Module):
         """Exact parameter names that the official recipe excludes from weight decay (besides 1-D and biases)."""
         return {"beit3.encoder.embed_positions.A.weight", "beit3.vision_embed.cls_token", "logit_scale"}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.beit3.encoder.checkpoint_activations = enable
-
 
 def _init_weights(m: nn.Module) -> None:
     """The official wrapper's init: every Linear trunc_normal(std .02, cut at +-1 std), LayerNorm 1/0."""

@@ -24,13 +24,6 @@ def default_precision(device: torch.device | str) -> str:
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of a precision (None for fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return _DTYPES.get(precision)
-
-
 def get_autocast(precision: str, device: torch.device | str) -> ContextManager:
     """A context manager for the forward pass: nothing for fp32, ``torch.autocast`` to bf16/fp16 otherwise."""
     device = torch.device(device)
