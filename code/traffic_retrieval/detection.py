@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .categories import CATEGORIES
-from .fileio import atomic_open, torch_save, write_text
+from .fileio import atomic_open, file_stamp, torch_save, write_text
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +332,9 @@ class CachedImage:
 
 
 def image_key(path: str | os.PathLike) -> dict[str, int]:
-    """What identifies an image file's content cheaply: size and mtime (a replaced file is detected again)."""
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """:func:`fileio.file_stamp` as the detection cache stores it (a replaced file is detected again)."""
+    size, mtime_ns = file_stamp(path)
+    return {"size": size, "mtime_ns": mtime_ns}
 
 
 class DetectionCache:

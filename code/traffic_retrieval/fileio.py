@@ -35,6 +35,12 @@ def _umask() -> int:
     return mask
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[int, int]:
+    """(size, mtime in ns): what identifies a file's content cheaply for the caches; a replaced file gets a new one."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)

@@ -54,7 +54,7 @@ from .distributed import (
     shard,
 )
 from .encoding import ImageFeatures, encode_images, encode_token_batches
-from .fileio import torch_save, write_json
+from .fileio import file_stamp, torch_save, write_json
 from .indexing import TEST_IMAGE_DIR
 from .labels import read_ground_truth, read_test_text
 from .metrics import score_results
@@ -286,12 +286,6 @@ def resolve_pad(requested: int | None, trained: TrainedFor, what: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ gallery cache
-def file_stamp(path: Path) -> tuple[int, int]:
-    """(size, mtime in ns): a changed or replaced image gets a new stamp and is re-encoded."""
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
 @dataclass(frozen=True)
 class FeatureSpec:
     """Everything besides the image file that decides an image feature; cached features are reused only for the
