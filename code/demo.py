@@ -103,12 +103,16 @@ class Runner:
             procs.append((name, cmd, f, time.perf_counter(),
                           subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT)))
         failed = []
-        for name, cmd, f, t0, proc in procs:
-            rc = proc.wait()
-            f.close()
-            self.times[name] = time.perf_counter() - t0
-            if rc != 0:
-                failed.append(f"{name} (exit {rc}, see {self.out / (name + '.log')})")
+        running = list(procs)
+        while running:  # poll, so that each job's own time is recorded, not the time until it was waited for
+            for job in [j for j in running if j[4].poll() is not None]:
+                name, _, f, t0, proc = job
+                f.close()
+                self.times[name] = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    failed.append(f"{name} (exit {proc.returncode}, see {self.out / (name + '.log')})")
+                running.remove(job)
+            time.sleep(0.2)
         if failed:
             raise SystemExit("demo: failed: " + "; ".join(failed))
 
