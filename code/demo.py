@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from traffic_retrieval.demo_data import DEFAULT_COUNTS, GENERATOR_VERSION
+from traffic_retrieval.fileio import write_json, write_text
 
 log = logging.getLogger("demo")
 
@@ -100,19 +101,18 @@ class Runner:
             logfile = self.out / f"{name}.log"
             log.info("[%s] %s  (log: %s)", name, shlex.join(cmd[1:]), logfile)
             f = open(logfile, "w")
-            procs.append((name, cmd, f, time.perf_counter(),
+            procs.append((name, f, time.perf_counter(),
                           subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT)))
         failed = []
-        running = list(procs)
-        while running:  # poll, so that each job's own time is recorded, not the time until it was waited for
-            for job in [j for j in running if j[4].poll() is not None]:
-                name, _, f, t0, proc = job
+        while procs:  # poll, so that each job's own time is recorded, not the time until it was waited for
+            time.sleep(0.2)
+            for job in [j for j in procs if j[3].poll() is not None]:
+                name, f, t0, proc = job
                 f.close()
                 self.times[name] = time.perf_counter() - t0
                 if proc.returncode != 0:
                     failed.append(f"{name} (exit {proc.returncode}, see {self.out / (name + '.log')})")
-                running.remove(job)
-            time.sleep(0.2)
+                procs.remove(job)
         if failed:
             raise SystemExit("demo: failed: " + "; ".join(failed))
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     scores = json.loads(r.run("evaluate", "code/evaluate.py",
                               ["--results", str(out / "infer_json_all.json"), "--gt", str(test_dir / "test_gt.txt"),
                                "--gallery", str(test_dir / "test_images"), "--json"], capture=True))
-    (ROOT / out / "metrics.json").write_text(json.dumps(scores, indent=1) + "\n")
+    write_json(ROOT / out / "metrics.json", scores, indent=1)
 
     # contact sheets: the first few queries of each category with their own model (both categories in parallel)
     queries = json.loads((ROOT / test_dir / "test_order.json").read_text())
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     for c in CATEGORIES:
         picked = [t for t, cat in zip(texts, queries["category"]) if cat == c][:6]
         qfile = ROOT / out / f"queries_{c}.txt"
-        qfile.write_text("".join(t + "\n" for t in picked), encoding="utf-8")
+        write_text(qfile, "".join(t + "\n" for t in picked))
         jobs.append((f"search_{c}", "code/search.py",
                      ["--images", str(test_dir / "test_images"), "--queries", str(qfile), "--model", MODEL,
                       "--input_size", INPUT_SIZE, "--finetune", str(out / f"pt_out_{c}" / "checkpoint-best.pth"),

@@ -643,9 +643,9 @@ def _draw_pedestrian(bits: Sequence[int], height: int, rng: np.random.Generator,
         rect(0.5 - sw + 0.04, sy + 0.03, 0.5 + sw - 0.04, hip - 0.03, bag_rgb)
     elif b["Backpack"] and not side:
         strap = bag_rgb if salient else _shade(bag_rgb, 0.8)
-        sw_strap = 0.10 if salient else 0.07
-        rect(0.5 - sw + 0.05, sy, 0.5 - sw + 0.05 + sw_strap, hip - 0.04 if salient else sy + 0.2, strap)
-        rect(0.5 + sw - 0.05 - sw_strap, sy, 0.5 + sw - 0.05, hip - 0.04 if salient else sy + 0.2, strap)
+        sw_strap, strap_end = (0.10, hip - 0.04) if salient else (0.07, sy + 0.2)
+        rect(0.5 - sw + 0.05, sy, 0.5 - sw + 0.05 + sw_strap, strap_end, strap)
+        rect(0.5 + sw - 0.05 - sw_strap, sy, 0.5 + sw - 0.05, strap_end, strap)
     if b["ShoulderBag"]:
         d.line([(X(0.5 - sw + 0.04), Y(sy)), (X(0.5 + sw), Y(hip - 0.03))], fill=_shade(bag_rgb, 0.7) + (255,),
                width=max(s, int(0.05 * W)))

@@ -199,6 +199,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of a per-process number over all ranks (the number itself in a single process)."""
+    if not is_dist_ready() or get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / get_world_size()
+
+
 def shard(n: int, rank: int | None = None, world_size: int | None = None) -> range:
     """Contiguous share of ``range(n)`` for ``rank`` (default: this process): concatenating the shards in rank
     order gives ``range(n)``, so a gather in rank order keeps the order."""

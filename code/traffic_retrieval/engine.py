@@ -21,7 +21,6 @@ import time
 from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
@@ -34,8 +33,8 @@ from .distributed import (
     broadcast_object,
     get_rank,
     get_world_size,
-    is_dist_ready,
     is_main_process,
+    mean_over_ranks,
     shard,
 )
 from .encoding import encode_token_batches
@@ -137,14 +136,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    if not is_dist_ready() or get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / get_world_size()
-
-
 def _log_step(writer: Any, global_step: int, loss: float, lr: float, logit_scale: float) -> None:
     writer.add_scalar("train/loss", loss, global_step)
     writer.add_scalar("train/lr", lr, global_step)
@@ -217,7 +208,7 @@ def train_one_epoch(
         bar.close()
     seconds = time.perf_counter() - start
     return {
-        "train_loss": _mean_over_ranks(loss_sum / max(n_loss, 1), device),
+        "train_loss": mean_over_ranks(loss_sum / max(n_loss, 1), device),
         "lr": lr,
         "n_steps": steps,
         "seconds": seconds,
