@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     if dataset_matches(ROOT / data, args.seed, counts):
         log.info("[dataset] reusing %s", data)
     else:
-        # Outputs of an earlier dataset (checkpoints that --auto_resume would pick up, caches) must not be reused.
+        # Outputs of an earlier dataset belong to it: its checkpoints (which --auto_resume would refuse: other
+        # index files), tokenizer and caches. The demo starts its training anew instead of stopping there.
         if any((ROOT / out).iterdir()):
             log.info("[dataset] new dataset: clearing the earlier outputs in %s", out)
             shutil.rmtree(ROOT / out)

@@ -57,9 +57,11 @@ def _env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """Run ``cmd`` in the repository root; its stderr (where the logs go)."""
     proc = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc.stderr
 
 
 def _torchrun(world: int, argv: list[str]) -> None:
@@ -183,6 +185,35 @@ def test_interrupted_run_resumes_to_the_same_weights(script, indexed, tiny_spm, 
     assert [r["train_loss"] for r in _log(cut)] == [r["train_loss"] for r in _log(whole)]
 
 
+def test_resume_refuses_a_checkpoint_of_other_data_or_settings(script, indexed, tiny_spm, tmp_path, caplog) -> None:
+    """--auto_resume checks the checkpoint against this run: changed index files, model or steps per epoch stop it
+    with a message naming the file and the difference; other changed hyperparameters are logged and applied."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(indexed, data, symlinks=True)
+    script["main"](_args(data, tiny_spm, out, "--epochs", "1"))
+    assert set(load_checkpoint_file(out / "checkpoint-0.pth")["index_sha256"]) == {"train", "val"}
+    resume = lambda *extra: _args(data, tiny_spm, out, "--epochs", "2", "--auto_resume", *extra)  # noqa: E731
+
+    index = data / "flickr30k_car.train.jsonl"
+    original = index.read_text()
+    index.write_text("".join(reversed(original.splitlines(keepends=True))))  # same pairs, another file
+    msg = _error(script, resume())
+    assert "checkpoint-0.pth cannot continue this run" in msg
+    assert f"{index} is not the file it was trained on (sha256 " in msg and "another --output_dir" in msg
+    index.write_text(original)
+    msg = _error(script, resume("--model", "beit3_tiny_patch8_64"))
+    assert "model.model was 'beit3_nano_patch16_32', now 'beit3_tiny_patch8_64'" in msg
+    msg = _error(script, resume("--batch_size", "2"))
+    assert "it made 3 optimizer steps per epoch, this run makes 6" in msg
+    assert [r["epoch"] for r in _log(out)] == [0]  # nothing was trained or written by the refused attempts
+
+    with caplog.at_level("WARNING", logger="traffic_retrieval.train"):
+        script["main"](resume("--lr", "5e-4", "--num_workers", "0"))
+    assert "settings changed since checkpoint-0.pth, they apply from epoch 1 on: optim.epochs 1 -> 2, optim.lr " \
+           "0.001 -> 0.0005" in caplog.text
+    assert [r["epoch"] for r in _log(out)] == [0, 1]
+
+
 # --------------------------------------------------------------------------------------------------- bad input
 def test_bad_input_stops_with_a_clear_message(script, indexed, tiny_spm, tmp_path) -> None:
     data = tmp_path / "data"
@@ -266,8 +297,9 @@ def test_train_people_script_runs_the_recipe(indexed, tiny_spm, tmp_path) -> Non
     env = {**_env(), "NGPUS": "1", "DATA_PATH": str(indexed), "SPM": str(tiny_spm), "FINETUNE": str(start),
            "OUTPUT_DIR": str(out), "LOG_DIR": str(tmp_path / "logs"), "PYTHON": sys.executable,
            "MASTER_PORT": str(free_port())}
-    _run(["bash", "code/train_people.sh", "--model", "beit3_nano_patch16_32", "--input_size", "32", "--batch_size",
-          "4", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0"], env)
+    recipe = ["bash", "code/train_people.sh", "--model", "beit3_nano_patch16_32", "--input_size", "32",
+              "--batch_size", "4", "--warmup_epochs", "0", "--num_workers", "0"]
+    _run([*recipe, "--epochs", "1"], env)
     args = json.loads((out / "args.json").read_text())
     assert args["data"]["category"] == "people" and args["model"]["finetune"] == str(start)
     assert (args["optim"]["lr"], args["optim"]["layer_decay"], args["optim"]["weight_decay"],
@@ -283,6 +315,12 @@ def test_train_people_script_runs_the_recipe(indexed, tiny_spm, tmp_path) -> Non
     moved = max((trained.state_dict()[k] - v).abs().max().item() for k, v in start_model.state_dict().items())
     assert 0 < moved < 0.01  # it started from the given weights and trained a little (3 steps at lr <= 3e-5)
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+    # resuming a DeepSpeed run: its checkpoint (client state inside the DeepSpeed model file) passes the check
+    logs = _run([*recipe, "--epochs", "2", "--auto_resume"], env)
+    assert "auto_resume: continuing from" in logs and "optim.epochs 1 -> 2" in logs
+    assert "weights_only=False" not in logs  # read with the safe loader
+    assert [r["epoch"] for r in _log(out)] == [0, 1]
 
 
 # --------------------------------------------------------------------------------------------------- it learns

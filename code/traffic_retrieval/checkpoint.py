@@ -59,8 +59,10 @@ def _tag_number(tag: str) -> float:
     return float(suffix) if suffix.isdigit() else -1.0
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
+def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
     """``torch.load`` on CPU, with ``weights_only=True`` whenever the file allows it.
+
+    ``mmap=True`` maps the tensors instead of reading them: cheap when only the small entries are wanted.
 
     DeepSpeed and training checkpoints carry pickled Python objects next to the tensors (an ``argparse.Namespace``
     of the run's arguments, DeepSpeed bookkeeping); those are allowed explicitly. A file that still needs arbitrary
@@ -69,7 +71,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     p = resolve_checkpoint_path(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace, set]):
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):  # a corrupt file, not a legitimate pickle of other objects
             raise CheckpointError(f"{p}: cannot be read as a PyTorch checkpoint ({_last_line(e)})") from None
@@ -77,7 +79,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         log.warning("%s holds pickled objects beyond tensors (%s); loading it with weights_only=False: "
                     "only load checkpoints you trust", p, found.group(1) if found else "unknown class")
         try:
-            return torch.load(p, map_location="cpu", weights_only=False)
+            return torch.load(p, map_location="cpu", weights_only=False, mmap=mmap)
         except Exception as e2:  # noqa: BLE001 (any unpickling failure means the same to the user)
             raise CheckpointError(f"{p}: cannot be read as a PyTorch checkpoint ({_last_line(e2)})") from None
     except (RuntimeError, EOFError, OSError) as e:

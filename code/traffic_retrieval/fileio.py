@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -39,6 +40,15 @@ def file_stamp(path: str | os.PathLike) -> tuple[int, int]:
     """(size, mtime in ns): what identifies a file's content cheaply for the caches; a replaced file gets a new one."""
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes: identifies content whatever its mtime (a regenerated, identical file matches)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

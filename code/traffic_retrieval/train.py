@@ -13,8 +13,10 @@ name; optionally a starting checkpoint (``--finetune``). Writes into ``output_di
 
 Every file is written atomically (a DeepSpeed checkpoint is written to a hidden directory and renamed), so an
 interrupted run leaves complete files only, and ``--auto_resume`` continues from the latest checkpoint at an epoch
-boundary. Resumed runs reproduce uninterrupted ones: the data order is a function of (seed, epoch), the random
-state is re-seeded from (seed, epoch, rank) at the start of every epoch, and the lr schedule is the full run's.
+boundary, after checking that it was trained on the same index files (their sha256 is in every checkpoint) and
+settings (:func:`check_resume`). Resumed runs reproduce uninterrupted ones: the data order is a function of (seed,
+epoch), the random state is re-seeded from (seed, epoch, rank) at the start of every epoch, and the lr schedule is
+the full run's.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .data import (
     train_sampler,
 )
 from .engine import ContrastiveForward, DeepSpeedUpdater, PlainUpdater, StepCallback, evaluate, train_one_epoch
-from .fileio import atomic_open, torch_save, write_json, write_text
+from .fileio import atomic_open, sha256_file, torch_save, write_json, write_text
 from .loss import ContrastiveLoss
 from .modeling import BEiT3Retrieval, create_model, get_config
 from .optim import build_optimizer as adamw
@@ -218,6 +220,7 @@ class TrainData:
     val_images: ImageDataset
     steps_per_epoch: int  # optimizer steps per epoch (after --max_steps_per_epoch)
     num_workers: int  # DataLoader workers per process (training and validation)
+    index_sha256: dict[str, str]  # {"train": ..., "val": ...}: stored in checkpoints, checked on resume
 
 
 def build_data(cfg: TrainConfig, info: D.DistInfo, vocab_rows: int, pin_memory: bool = False) -> TrainData:
@@ -247,7 +250,8 @@ def build_data(cfg: TrainConfig, info: D.DistInfo, vocab_rows: int, pin_memory: 
     log.info("%s: %d train pairs (%d steps/epoch), val %d captions x %d images", d.category, len(ds), steps,
              len(val.query_segments), len(val.image_paths))
     val_images = ImageDataset(val.image_paths, d.data_path, eval_transform(size, cfg.eval_pad))
-    return TrainData(ds, sampler, loader, val, val_images, steps, workers)
+    return TrainData(ds, sampler, loader, val, val_images, steps, workers,
+                     {s: sha256_file(p) for s, p in paths.items()})
 
 
 def cfg_input_size(cfg: TrainConfig) -> int:
@@ -429,6 +433,60 @@ def check_output_dir(cfg: TrainConfig) -> int | None:
     return max(mine) if mine else None
 
 
+# settings that may differ on resume without a warning: where and how the run executes, not what it learns
+RESUME_FREE = {("runtime", k) for k in ("output_dir", "log_dir", "device", "threads", "auto_resume", "eval")} | {
+    ("data", "num_workers"), ("model", "compile"), ("optim", "eval_batch_size")}
+# settings the checkpoint's weights are made for: another value cannot continue the run
+RESUME_FIXED = {("data", "category"), ("data", "task"), ("model", "model"), ("model", "input_size"),
+                ("model", "vocab_size")}
+
+
+def checkpoint_path(output_dir: Path, epoch: int | str, deepspeed: bool) -> Path:
+    """The file that holds checkpoint ``epoch``'s entries (for DeepSpeed, the client state is in the model file)."""
+    return output_dir / _tag(epoch) / DEEPSPEED_MODEL_FILE if deepspeed else output_dir / f"{_tag(epoch)}.pth"
+
+
+def check_resume(cfg: TrainConfig, data: TrainData, epoch: int) -> None:
+    """Refuse to resume checkpoint ``epoch`` when it cannot continue this run; warn about changed settings.
+
+    Errors: other index files than the checkpoint was trained on (the run would silently mix two datasets), another
+    model, input size or category, another number of optimizer steps per epoch (the lr schedule and the data order
+    would not line up). Other changed hyperparameters are logged: they apply from the resumed epoch on.
+    """
+    path = checkpoint_path(cfg.output_dir, epoch, cfg.runtime.enable_deepspeed)
+    state = load_checkpoint_file(path, mmap=True)
+    name = path.relative_to(cfg.output_dir)
+    problems = []
+    saved_sha = state.get("index_sha256")
+    if saved_sha is None:
+        log.warning("%s does not record which index files it was trained on; cannot check the data", name)
+    for split, sha in (saved_sha or {}).items():
+        if data.index_sha256.get(split) != sha:
+            problems.append(f"{index_file(cfg.data.data_path, cfg.data.category, split)} is not the file it was "
+                            f"trained on (sha256 {sha[:12]} then, {data.index_sha256.get(split, '-')[:12]} now)")
+    saved_args, now = state.get("args") or {}, cfg.to_dict()
+    changed = {(g, k): (v, now[g][k]) for g, section in saved_args.items() if g in now and isinstance(section, dict)
+               for k, v in section.items() if k in now[g] and _differs(v, now[g][k])}
+    problems += [f"{g}.{k} was {a!r}, now {b!r}" for (g, k), (a, b) in sorted(changed.items()) if (g, k) in RESUME_FIXED]
+    if "global_step" in state and state["global_step"] != (state["epoch"] + 1) * data.steps_per_epoch:
+        problems.append(f"it made {state['global_step'] // (state['epoch'] + 1)} optimizer steps per epoch, this run "
+                        f"makes {data.steps_per_epoch} (batch size, processes, update_freq or max_steps_per_epoch "
+                        "changed), so the lr schedule and the data order would not continue")
+    if problems:
+        raise TrainError(f"--auto_resume: {cfg.output_dir / name} cannot continue this run: " + "; ".join(problems)
+                         + ". Resume with the run's data and settings, or start a new run in another --output_dir")
+    soft = [f"{g}.{k} {a!r} -> {b!r}" for (g, k), (a, b) in sorted(changed.items())
+            if (g, k) not in RESUME_FIXED | RESUME_FREE]
+    if soft:
+        log.warning("auto_resume: settings changed since %s, they apply from epoch %d on: %s", name, epoch + 1,
+                    ", ".join(soft))
+
+
+def _differs(a: Any, b: Any) -> bool:
+    # a checkpoint stores tuples as lists
+    return (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b)
+
+
 def resume(cfg: TrainConfig, trainer: Trainer, epoch: int) -> dict[str, Any]:
     """Load checkpoint ``epoch`` of ``output_dir`` into the trainer; returns its other entries (client state)."""
     out = cfg.output_dir
@@ -556,6 +614,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, device: torch.device, precision: 
     torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank and in every attempt
     model = build_model(cfg)
     data = build_data(cfg, info, model.cfg.vocab_size, pin_memory=device.type == "cuda")
+    if resume_epoch is not None:
+        check_resume(cfg, data, resume_epoch)
     trainer = build_optimizer(cfg, model, info, device, precision)
     progress = _restore(cfg, trainer, resume_epoch)
     o = cfg.optim
@@ -568,30 +628,30 @@ def _train(cfg: TrainConfig, info: D.DistInfo, device: torch.device, precision: 
         for epoch in range(progress.start_epoch, o.epochs):
             last = _epoch(cfg, trainer, data, schedule, epoch, progress.global_step, device, writer, on_step, info)
             progress.global_step += data.steps_per_epoch
-            _save_epoch(cfg, trainer, info, epoch, last, progress)
+            _save_epoch(cfg, trainer, info, data.index_sha256, epoch, last, progress)
     finally:
         if writer is not None:
             writer.close()
     return {"best": progress.best, "last": last, "output_dir": str(cfg.output_dir)}
 
 
-def _save_epoch(cfg: TrainConfig, trainer: Trainer, info: D.DistInfo, epoch: int, stats: dict[str, Any],
-                progress: Progress) -> None:
+def _save_epoch(cfg: TrainConfig, trainer: Trainer, info: D.DistInfo, data_sha: dict[str, str], epoch: int,
+                stats: dict[str, Any], progress: Progress) -> None:
     """The best checkpoint (+ best.json) when validation improved, then this epoch's checkpoint; prune old ones."""
     out, ds = cfg.output_dir, cfg.runtime.enable_deepspeed
     if progress.best is None or stats["val_official_map10"] > progress.best["official_map10"]:
         progress.best = {"epoch": epoch, **{k: stats[f"val_{k}"] for k in METRICS}}
-        save_checkpoint(trainer, out, _tag("best"), _client_state(cfg, epoch, progress))
+        save_checkpoint(trainer, out, _tag("best"), _client_state(cfg, data_sha, epoch, progress))
         if info.rank == 0:
             write_json(out / "best.json", {**progress.best, "checkpoint": _tag("best") + ("" if ds else ".pth")},
                        indent=1)
-    save_checkpoint(trainer, out, _tag(epoch), _client_state(cfg, epoch, progress))
+    save_checkpoint(trainer, out, _tag(epoch), _client_state(cfg, data_sha, epoch, progress))
     prune_checkpoints(out, ds, epoch, cfg.runtime.save_ckpt_freq)
 
 
-def _client_state(cfg: TrainConfig, epoch: int, progress: Progress) -> dict[str, Any]:
+def _client_state(cfg: TrainConfig, index_sha256: dict[str, str], epoch: int, progress: Progress) -> dict[str, Any]:
     return {"epoch": epoch, "global_step": progress.global_step, "args": cfg.to_dict(), "rng": rng_state(),
-            "best": progress.best}
+            "best": progress.best, "index_sha256": index_sha256}
 
 
 def _start_run_dir(cfg: TrainConfig, trainer: Trainer, info: D.DistInfo, precision: str, steps: int,
