@@ -19,7 +19,7 @@ from traffic_retrieval.bench import run
 from traffic_retrieval.modeling import list_models
 from traffic_retrieval.precision import PRECISIONS, default_precision
 
-SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text", "infer_stage")
+SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text", "infer_stage", "attention")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--peak_n", type=int, default=None, help="matmul size for the MFU peak (default 8192 cuda, 1024 cpu)")
+    runtime.add_sdpa_argument(p)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    runtime.setup(args.threads)
+    runtime.setup(args.threads, args.sdpa)
     run(args)
 
 

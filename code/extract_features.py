@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--num_workers", type=int, default=0)
+    runtime.add_sdpa_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     p.add_argument("--out", required=True, help="output .npz file")
     args = p.parse_args(argv)
@@ -64,7 +65,7 @@ def read_text_lines(path: Path) -> tuple[list[str], list[int]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    runtime.setup(args.threads)
+    runtime.setup(args.threads, args.sdpa)
     device = runtime.resolve_device(args.device)
     precision = args.precision or default_precision(device)
 

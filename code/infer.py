@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "instead of the exact chunked top-k")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the gallery feature cache")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images")
+    runtime.add_sdpa_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     p.add_argument("--eval", action="store_true", help="score infer_json_all.json against --gt afterwards")
     p.add_argument("--gt", default=None, help="ground truth, text$img1$img2... per line "
@@ -107,7 +108,7 @@ def format_metrics(metrics: dict, counts: dict[str, int]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    runtime.setup(args.threads)
+    runtime.setup(args.threads, args.sdpa)
     if args.dist_eval:
         info = init_distributed()
         if not info.distributed:

@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch (default: %(default)s)")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images")
+    runtime.add_sdpa_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     args = p.parse_args(argv)
     if args.k < 1 or args.batch_size < 1:
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[QueryResult]:
     args = parse_args(argv)
-    runtime.setup(args.threads)
+    runtime.setup(args.threads, args.sdpa)
     html_path = Path(args.html) if args.html else Path(args.output_dir or ".") / "search.html"
     try:
         queries = [args.query] if args.query is not None else read_queries(args.queries)

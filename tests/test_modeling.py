@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from beit3_oracle import OFFICIAL, OfficialRetrieval, encoder_config
 
 from traffic_retrieval.checkpoint import load_weights
-from traffic_retrieval.modeling import create_model, get_config, list_models
+from traffic_retrieval.modeling import SDPA_ORDERS, create_model, get_config, list_models, set_sdpa
 
 TINY = dict(dim=64, layers=2, heads=4, img=32, vocab=100, max_pos=128)
 
@@ -127,6 +129,34 @@ def test_checkpointing_and_drop_path_keep_names_and_gradients():
     with torch.no_grad():
         assert not torch.equal(dp.train().encode_image(images), dp.encode_image(images))
         assert torch.equal(dp.eval().encode_image(images), plain.eval().encode_image(images))
+
+
+@pytest.mark.parametrize("sdpa", list(SDPA_ORDERS))
+def test_compiled_layers_match_the_official_features_and_eager_gradients(sdpa):
+    """--compile (torch.compile of each layer, as training and inference use it) under each --sdpa preference: the
+    features equal the official model's and a training step's gradients equal eager ones; names are unchanged."""
+    official, ours = _tiny_pair()
+    ours.load_state_dict(official.state_dict())
+    compiled = copy.deepcopy(ours)
+    set_sdpa(sdpa)
+    try:
+        for layer in compiled.beit3.encoder.layers:
+            layer.compile(fullgraph=True)  # no graph break, also with the kernel preference inside
+        assert list(compiled.state_dict()) == list(ours.state_dict())
+        images, (tokens, mask) = torch.randn(3, 3, 32, 32), _texts(100, [7, 30, 64])
+        with torch.no_grad():
+            ref_img, ref_txt = official.image_features(images), official.text_features(tokens, mask)
+            img, txt = compiled.encode_image(images), compiled.encode_text(tokens, mask)
+        assert (img - ref_img).abs().max() <= 1e-5 and (txt - ref_txt).abs().max() <= 1e-5
+        grads = []
+        for m in (ours.train(), compiled.train()):
+            loss = (m.logit_scale.exp() * m.encode_image(images) @ m.encode_text(tokens, mask).T).logsumexp(-1).sum()
+            grads.append(torch.autograd.grad(loss, list(m.parameters()), allow_unused=True))
+        for (name, _), a, b in zip(ours.named_parameters(), *grads):
+            assert (a is None) == (b is None), name
+            assert a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    finally:
+        set_sdpa("default")
 
 
 def test_every_parameter_gets_a_gradient():

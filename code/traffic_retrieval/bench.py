@@ -6,6 +6,9 @@ Settings (each prints one JSON line):
 - ``encode_image`` / ``encode_text``: inference throughput in images/s and texts/s (no grad).
 - ``infer_stage``: the test stage on synthetic tensors: two models each encode a gallery and its queries, then the
   chunked top-10; reported in seconds (the real data has 17,611 images and 17,611 queries).
+- ``attention``: the attention op alone on the model's image and text shapes, once per ``--sdpa`` preference: the
+  kernel that runs, forward+backward time, and the largest error of the output and the input gradients against an
+  fp32 reference (the math kernel): whether a preference is faster, and still right, on this GPU.
 The official model is timed on the same shapes, inputs and precision; ``ratio`` = ours / official. MFU counts model
 FLOPs (3x forward for a training step; recomputation by checkpointing is not counted) over a matmul peak measured in
 the same run.
@@ -24,8 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from .encoding import encode_token_batches
-from .modeling import BEiT3Config, BEiT3Retrieval, create_model, get_config
+from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, create_model, get_config, sdpa_preference,
+                       set_sdpa)
 from .precision import get_autocast
 from .retrieval import topk_similarity
 
@@ -200,7 +206,8 @@ def run_setting(setting: str, impl: str, args, device: torch.device) -> dict:
     ckpt = setting == "train_ckpt"
     batch = {"encode_image": args.encode_batch, "encode_text": args.text_batch}.get(setting, args.batch_size)
     row = {"setting": setting, "impl": impl, "model": args.model, "img_size": cfg.img_size, "batch": batch,
-           "precision": args.precision, "checkpointing": ckpt, "compile": bool(args.compile and impl == "ours" and setting != "encode_text")}
+           "precision": args.precision, "checkpointing": ckpt, "sdpa": args.sdpa if impl == "ours" else "default",
+           "compile": bool(args.compile and impl == "ours" and setting != "encode_text")}
     # (texts are encoded eagerly: their trimmed lengths vary per batch, which would make torch.compile recompile)
     _free(device)
     try:
@@ -255,11 +262,52 @@ def run_infer_stage(args, device: torch.device) -> dict:
     _sync(device)
     seconds = time.perf_counter() - t0
     row = {"setting": "infer_stage", "impl": "ours", "model": args.model, "img_size": cfg.img_size, "models": 2,
-           "gallery": n, "queries": n, "precision": args.precision, "compile": bool(args.compile),
+           "gallery": n, "queries": n, "precision": args.precision, "sdpa": args.sdpa, "compile": bool(args.compile),
            "seconds": seconds, "peak_mem_gb": _peak_gb(device)}
     models = None  # noqa: F841
     _free(device)
     return row
+
+
+def run_attention_check(args, device: torch.device) -> list[dict]:
+    """The ``attention`` setting (module docstring): one row per (shape, --sdpa preference)."""
+    cfg = get_config(args.model, img_size=args.input_size)
+    h, hd, b = cfg.num_heads, cfg.embed_dim // cfg.num_heads, args.batch_size
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    _, pad = make_texts(cfg, b, device)
+    shapes = {"image": (cfg.num_patches + 1, None), "text": (TEXT_LEN, (pad == 0)[:, None, None, :])}
+    rows = []
+    for what, (length, mask) in shapes.items():
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v, grad = (torch.randn(b, h, length, hd, generator=g, device=device) for _ in range(4))
+        with sdpa_kernel(SDPBackend.MATH):  # called directly: attention() would apply the --sdpa preference
+            ref = _attention_pass(q, k, v, grad, mask, F.scaled_dot_product_attention)
+        for name in SDPA_ORDERS:
+            set_sdpa(name)
+            args_ = [t.to(dtype) for t in (q, k, v, grad)]
+            out = _attention_pass(*args_, mask)
+            errors = [(o.float() - r).abs().max().item() / r.abs().max().item() for o, r in zip(out, ref)]
+            t = _time(lambda: _attention_pass(*args_, mask), device, args.warmup, args.iters)
+            rows.append({"setting": "attention", "shape": what, "sdpa": name, "kernel": _sdpa_kernel_name(args_, mask),
+                         "batch": b, "tokens": length, "heads": h, "head_dim": hd, "precision": args.precision,
+                         "seconds_fwd_bwd": t, "rel_err_out": errors[0], "rel_err_grad": max(errors[1:])})
+    set_sdpa(args.sdpa)
+    return rows
+
+
+def _attention_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None,
+                    fn: Callable = attention) -> list[torch.Tensor]:
+    """Output and (dq, dk, dv) of one attention call for the upstream gradient ``grad``."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, mask)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+
+
+def _sdpa_kernel_name(qkv: list[torch.Tensor], mask: torch.Tensor | None) -> str:
+    """The attention backend the dispatcher picks for these inputs under the current preference."""
+    names = {b.value: name for name, b in SDPBackend.__members__.items()}
+    with sdpa_preference():
+        return names[torch._fused_sdp_choice(*qkv[:3], mask)]
 
 
 def run(args) -> list[dict]:
@@ -268,6 +316,11 @@ def run(args) -> list[dict]:
     rows: list[dict] = []
     impls = ["ours"] + (["official"] if args.reference == "torchscale" else [])
     for setting in args.settings:
+        if setting == "attention":
+            for row in run_attention_check(args, device):
+                rows.append({**row, "device": _device_name(device), "torch": torch.__version__})
+                print(json.dumps(rows[-1]), flush=True)
+            continue
         if setting == "infer_stage":
             rows.append(run_infer_stage(args, device))
             print(json.dumps(rows[-1]), flush=True)
@@ -284,9 +337,12 @@ def run(args) -> list[dict]:
                 pair["ours"]["ratio"] = pair["ours"][key] / pair["official"][key]
         for impl in impls:
             pair[impl]["peak_tflops"] = peak / 1e12
-            pair[impl]["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            pair[impl]["device"] = _device_name(device)
             pair[impl]["torch"] = torch.__version__
             rows.append(pair[impl])
             print(json.dumps(pair[impl]), flush=True)
     return rows
 
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
 import torch
+
+from .modeling import SDPA_ORDERS, set_sdpa
 
 
 def default_threads() -> int:
@@ -21,10 +24,19 @@ def default_threads() -> int:
     return 1 if n <= 2 else n - 1
 
 
-def setup(threads: int | None = None, level: int = logging.INFO) -> None:
-    """Configure logging once (called from ``main()`` only) and the number of torch threads."""
+def setup(threads: int | None = None, sdpa: str = "default", level: int = logging.INFO) -> None:
+    """Configure logging once (called from ``main()`` only), the number of torch threads and the attention kernel
+    preference (``--sdpa``, see :data:`traffic_retrieval.modeling.SDPA_ORDERS`)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(threads if threads and threads > 0 else default_threads())
+    set_sdpa(sdpa)
+
+
+def add_sdpa_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--sdpa``: the attention kernel preference on a GPU (one definition for every script that runs the model)."""
+    parser.add_argument("--sdpa", choices=list(SDPA_ORDERS), default="default",
+                        help="attention kernels on a GPU: PyTorch's order (FlashAttention first) or cuDNN's fused "
+                             "attention first, faster on Hopper GPUs in published measurements (default: %(default)s)")
 
 
 def resolve_device(device: str | None) -> torch.device:

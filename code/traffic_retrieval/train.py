@@ -126,6 +126,7 @@ class RuntimeConfig:
     precision: str | None = None  # fp32 | bf16 | fp16; None: fp16 with DeepSpeed on cuda, bf16 on cuda, fp32 on cpu
     device: str = "auto"
     threads: int | None = None  # torch CPU threads (None: runtime.default_threads)
+    sdpa: str = "default"  # attention kernel preference on a GPU (modeling.SDPA_ORDERS)
     auto_resume: bool = False  # continue from the latest checkpoint in output_dir
     eval: bool = False  # only evaluate --finetune (or the run's best) on the val split
 
@@ -434,8 +435,9 @@ def check_output_dir(cfg: TrainConfig) -> int | None:
 
 
 # settings that may differ on resume without a warning: where and how the run executes, not what it learns
-RESUME_FREE = {("runtime", k) for k in ("output_dir", "log_dir", "device", "threads", "auto_resume", "eval")} | {
-    ("data", "num_workers"), ("model", "compile"), ("optim", "eval_batch_size")}
+RESUME_FREE = {("runtime", k) for k in ("output_dir", "log_dir", "device", "threads", "sdpa", "auto_resume",
+                                        "eval")} | {("data", "num_workers"), ("model", "compile"),
+                                                    ("optim", "eval_batch_size")}
 # settings the checkpoint's weights are made for: another value cannot continue the run
 RESUME_FIXED = {("data", "category"), ("data", "task"), ("model", "model"), ("model", "input_size"),
                 ("model", "vocab_size")}
@@ -467,7 +469,8 @@ def check_resume(cfg: TrainConfig, data: TrainData, epoch: int) -> None:
     saved_args, now = state.get("args") or {}, cfg.to_dict()
     changed = {(g, k): (v, now[g][k]) for g, section in saved_args.items() if g in now and isinstance(section, dict)
                for k, v in section.items() if k in now[g] and _differs(v, now[g][k])}
-    problems += [f"{g}.{k} was {a!r}, now {b!r}" for (g, k), (a, b) in sorted(changed.items()) if (g, k) in RESUME_FIXED]
+    problems += [f"{g}.{k} was {a!r}, now {b!r}" for (g, k), (a, b) in sorted(changed.items())
+                 if (g, k) in RESUME_FIXED]
     if "global_step" in state and state["global_step"] != (state["epoch"] + 1) * data.steps_per_epoch:
         problems.append(f"it made {state['global_step'] // (state['epoch'] + 1)} optimizer steps per epoch, this run "
                         f"makes {data.steps_per_epoch} (batch size, processes, update_freq or max_steps_per_epoch "

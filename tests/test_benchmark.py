@@ -1,0 +1,29 @@
+"""code/benchmark.py on the CPU: every setting runs for the project's model and the official one (torchscale) on the
+same inputs and prints one JSON line with its figures."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> None:
+    load_script("benchmark")["main"](
+        ["--model", "beit3_nano_patch16_32", "--batch_size", "4", "--device", "cpu", "--iters", "1", "--warmup", "1",
+         "--infer_gallery", "20", "--sdpa", "cudnn", "--settings", "train", "train_ckpt", "encode_image",
+         "encode_text", "infer_stage", "attention"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by = {(r["setting"], r.get("impl"), r.get("shape"), r.get("sdpa")): r for r in rows}
+
+    for setting, unit in (("train", "pairs_per_s"), ("train_ckpt", "pairs_per_s"), ("encode_image", "images_per_s"),
+                          ("encode_text", "texts_per_s")):
+        ours, official = by[setting, "ours", None, "cudnn"], by[setting, "official", None, "default"]
+        assert ours[unit] > 0 and official[unit] > 0 and ours["ratio"] == ours[unit] / official[unit]
+        assert 0 < ours["mfu"] < 1 and ours["checkpointing"] == (setting == "train_ckpt")
+    assert by["infer_stage", "ours", None, "cudnn"]["seconds"] > 0
+
+    # the attention op per preference: the kernel that ran and its error against the fp32 math kernel
+    for shape, tokens in (("image", 5), ("text", 64)):
+        for sdpa in ("default", "cudnn"):
+            r = by["attention", None, shape, sdpa]
+            assert r["tokens"] == tokens and r["kernel"] in {"FLASH_ATTENTION", "MATH"}  # what a CPU has
+            assert r["rel_err_out"] < 1e-5 and r["rel_err_grad"] < 1e-5 and r["seconds_fwd_bwd"] > 0
