@@ -19,7 +19,7 @@ import torch
 
 from traffic_retrieval import train
 from traffic_retrieval.categories import is_relevant
-from traffic_retrieval.checkpoint import load_checkpoint_file, load_weights
+from traffic_retrieval.checkpoint import load_checkpoint_file, load_weights, numbered_checkpoints
 from traffic_retrieval.distributed import free_port
 from traffic_retrieval.metrics import random_baseline
 from traffic_retrieval.modeling import create_model
@@ -171,7 +171,7 @@ def test_interrupted_run_resumes_to_the_same_weights(script, indexed, tiny_spm, 
 
     with pytest.raises(KeyboardInterrupt):
         train.run(script["parse_args"](_args(indexed, tiny_spm, cut, *extra)), on_step=interrupt)
-    assert train.list_checkpoints(cut, deepspeed=False) == {0: cut / "checkpoint-0.pth"}
+    assert numbered_checkpoints(cut, deepspeed=False) == {0: cut / "checkpoint-0.pth"}
     assert [r["epoch"] for r in _log(cut)] == [0]
     assert "already holds checkpoints" in _error(script, _args(indexed, tiny_spm, cut, *extra))
     script["main"](_args(indexed, tiny_spm, cut, *extra, "--auto_resume"))

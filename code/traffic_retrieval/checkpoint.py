@@ -39,24 +39,35 @@ class CheckpointError(RuntimeError):
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a DeepSpeed tag directory / run directory that holds one."""
+    """A checkpoint file, or a DeepSpeed tag directory / run directory that holds one (the newest numbered tag,
+    else ``checkpoint-best``)."""
     p = Path(path)
     if p.is_dir():
         direct = p / DEEPSPEED_MODEL_FILE
         if direct.is_file():
             return direct
-        tags = sorted(p.glob(f"checkpoint-*/{DEEPSPEED_MODEL_FILE}"), key=lambda f: _tag_number(f.parent.name))
+        tags = numbered_checkpoints(p, deepspeed=True)
         if tags:
-            return tags[-1]
+            return tags[max(tags)] / DEEPSPEED_MODEL_FILE
+        if (p / "checkpoint-best" / DEEPSPEED_MODEL_FILE).is_file():
+            return p / "checkpoint-best" / DEEPSPEED_MODEL_FILE
         raise CheckpointError(f"{p} is a directory without {DEEPSPEED_MODEL_FILE} or checkpoint-*/{DEEPSPEED_MODEL_FILE}")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
     return p
 
 
-def _tag_number(tag: str) -> float:
-    suffix = tag.rsplit("-", 1)[-1]
-    return float(suffix) if suffix.isdigit() else -1.0
+def numbered_checkpoints(run_dir: str | os.PathLike, deepspeed: bool) -> dict[int, Path]:
+    """Complete ``checkpoint-<N>`` entries of a training run directory: {N: path}, DeepSpeed tag directories (that
+    hold the model file) or ``.pth`` files."""
+    found = {}
+    pattern = f"checkpoint-*/{DEEPSPEED_MODEL_FILE}" if deepspeed else "checkpoint-*.pth"
+    for f in Path(run_dir).glob(pattern):
+        tag = f.parent.name if deepspeed else f.stem
+        suffix = tag.removeprefix("checkpoint-")
+        if suffix.isdigit():
+            found[int(suffix)] = f.parent if deepspeed else f
+    return found
 
 
 def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import DEEPSPEED_MODEL_FILE, load_checkpoint_file, load_weights
+from .checkpoint import DEEPSPEED_MODEL_FILE, load_checkpoint_file, load_weights, numbered_checkpoints
 from .data import (
     DEDUP_MODES,
     EvalSplit,
@@ -359,18 +359,6 @@ def _tag(epoch: int | str) -> str:
     return f"checkpoint-{epoch}"
 
 
-def list_checkpoints(output_dir: Path, deepspeed: bool) -> dict[int, Path]:
-    """Complete numbered checkpoints in ``output_dir``: {epoch: path} (DeepSpeed tag dirs or ``.pth`` files)."""
-    found = {}
-    pattern = f"checkpoint-*/{DEEPSPEED_MODEL_FILE}" if deepspeed else "checkpoint-*.pth"
-    for p in output_dir.glob(pattern):
-        tag = p.parent.name if deepspeed else p.stem
-        suffix = tag.removeprefix("checkpoint-")
-        if suffix.isdigit():
-            found[int(suffix)] = p.parent if deepspeed else p
-    return found
-
-
 def save_checkpoint(trainer: Trainer, output_dir: Path, tag: str, state: dict[str, Any]) -> None:
     """Write checkpoint ``tag`` completely or not at all (every rank calls this)."""
     if trainer.ds_config is None:
@@ -406,7 +394,7 @@ def prune_checkpoints(output_dir: Path, deepspeed: bool, latest: int, save_ckpt_
     """Remove numbered checkpoints older than ``latest`` that are not every ``save_ckpt_freq``-th epoch."""
     if not D.is_main_process():
         return
-    for epoch, path in list_checkpoints(output_dir, deepspeed).items():
+    for epoch, path in numbered_checkpoints(output_dir, deepspeed).items():
         if epoch >= latest or (epoch + 1) % save_ckpt_freq == 0:
             continue
         if path.is_dir():
@@ -422,7 +410,7 @@ def check_output_dir(cfg: TrainConfig) -> int | None:
     overwritten), and so is one whose checkpoints are of the other kind (DeepSpeed vs plain).
     """
     out, ds = cfg.output_dir, cfg.runtime.enable_deepspeed
-    mine, other = list_checkpoints(out, ds), list_checkpoints(out, not ds)
+    mine, other = numbered_checkpoints(out, ds), numbered_checkpoints(out, not ds)
     if (mine or other) and not cfg.runtime.auto_resume:
         raise TrainError(f"{out} already holds checkpoints of an earlier run; pass --auto_resume to continue it "
                          "or choose another --output_dir")
