@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from beit3_oracle import OFFICIAL, OfficialRetrieval, encoder_config
 
 from traffic_retrieval.checkpoint import load_weights
-from traffic_retrieval.modeling import SDPA_ORDERS, create_model, get_config, list_models, set_sdpa
+from traffic_retrieval.modeling import (SDPA_ORDERS, compile_layers, create_model, get_config, list_models,
+                                       set_sdpa)
 
 TINY = dict(dim=64, layers=2, heads=4, img=32, vocab=100, max_pos=128)
 
@@ -93,6 +95,36 @@ def test_features_match_official_in_every_wrapping(tmp_path, wrapping):
     assert ours.logit_scale.item() == pytest.approx(official.logit_scale.item())
 
 
+def test_training_gradients_match_official():
+    """The gradients of a contrastive loss equal the official model's for every parameter: the project's last layer
+    computes its output for the first token only, the official one for all tokens."""
+    official, ours = _tiny_pair()
+    ours.load_state_dict(official.state_dict())
+    images, (tokens, mask) = torch.randn(3, 3, 32, 32), _texts(100, [9, 64, 20])
+
+    def loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        logits = scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+        return F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.T, torch.arange(3))
+
+    b = official.train().beit3
+    ref = loss(official.vision_head(b(textual_tokens=None, visual_tokens=images)["encoder_out"][:, 0]),
+               official.language_head(b(textual_tokens=tokens, visual_tokens=None,
+                                        text_padding_position=mask)["encoder_out"][:, 0]), official.logit_scale)
+    ours.train()
+    mine = loss(ours.encode_image(images, normalize=False), ours.encode_text(tokens, mask, normalize=False),
+                ours.logit_scale)
+    assert mine.item() == pytest.approx(ref.item(), abs=1e-5)
+    ref_grads = dict(zip([n for n, _ in official.named_parameters()],
+                         torch.autograd.grad(ref, list(official.parameters()), allow_unused=True)))
+    grads = dict(zip([n for n, _ in ours.named_parameters()],
+                     torch.autograd.grad(mine, list(ours.parameters()), allow_unused=True)))
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        r = ref_grads[name]
+        assert (g is None) == (r is None), name
+        assert g is None or (g - r).abs().max() <= 1e-5 * max(1.0, r.abs().max().item()), name
+
+
 def test_text_features_do_not_depend_on_padding():
     _, ours = _tiny_pair()
     tokens, mask = _texts(100, [12, 12])
@@ -132,16 +164,19 @@ def test_checkpointing_and_drop_path_keep_names_and_gradients():
 
 
 @pytest.mark.parametrize("sdpa", list(SDPA_ORDERS))
-def test_compiled_layers_match_the_official_features_and_eager_gradients(sdpa):
+def test_compiled_layers_match_the_official_features_and_eager_gradients(sdpa, caplog):
     """--compile (torch.compile of each layer, as training and inference use it) under each --sdpa preference: the
-    features equal the official model's and a training step's gradients equal eager ones; names are unchanged."""
+    features equal the official model's and a training step's gradients equal eager ones; names are unchanged; no
+    graph break and no fallback to eager."""
+    from torch._dynamo.utils import counters
+
     official, ours = _tiny_pair()
     ours.load_state_dict(official.state_dict())
     compiled = copy.deepcopy(ours)
     set_sdpa(sdpa)
+    counters.clear()
     try:
-        for layer in compiled.beit3.encoder.layers:
-            layer.compile(fullgraph=True)  # no graph break, also with the kernel preference inside
+        compile_layers(compiled)
         assert list(compiled.state_dict()) == list(ours.state_dict())
         images, (tokens, mask) = torch.randn(3, 3, 32, 32), _texts(100, [7, 30, 64])
         with torch.no_grad():
@@ -157,6 +192,8 @@ def test_compiled_layers_match_the_official_features_and_eager_gradients(sdpa):
             assert a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
     finally:
         set_sdpa("default")
+    assert counters["stats"]["unique_graphs"] >= 4 and not counters["graph_break"]
+    assert "recompile_limit" not in caplog.text
 
 
 def test_every_parameter_gets_a_gradient():

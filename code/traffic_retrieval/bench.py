@@ -30,8 +30,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .encoding import encode_token_batches
-from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, create_model, get_config, sdpa_preference,
-                       set_sdpa)
+from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers, create_model, get_config,
+                       sdpa_preference, set_sdpa)
 from .precision import get_autocast
 from .retrieval import topk_similarity
 
@@ -142,16 +142,13 @@ def _contrastive(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def build(impl: str, name: str, device: torch.device, checkpointing: bool, compile_layers: bool,
+def build(impl: str, name: str, device: torch.device, checkpointing: bool, compile: bool,
           img_size: int | None) -> nn.Module:
     cfg = get_config(name, img_size=img_size, checkpoint_activations=checkpointing)
     with device:  # initialise on the device: a large model's CPU init alone takes many seconds
         model = create_model(name, img_size=img_size, checkpoint_activations=checkpointing) if impl == "ours" \
             else OfficialModel(cfg)
-    if compile_layers and impl == "ours":
-        for layer in model.beit3.encoder.layers:
-            layer.compile()
-    return model
+    return compile_layers(model) if compile and impl == "ours" else model
 
 
 def bench_train(model: nn.Module, inp: Inputs, device: torch.device, precision: str, warmup: int, iters: int) -> float:

@@ -52,7 +52,7 @@ from .data import (
 from .engine import ContrastiveForward, DeepSpeedUpdater, PlainUpdater, StepCallback, evaluate, train_one_epoch
 from .fileio import atomic_open, sha256_file, torch_save, write_json, write_text
 from .loss import ContrastiveLoss
-from .modeling import BEiT3Retrieval, create_model, get_config
+from .modeling import BEiT3Retrieval, compile_layers, create_model, get_config
 from .optim import build_optimizer as adamw
 from .optim import cosine_scheduler, deepspeed_config, deepspeed_initialize, param_groups_layer_decay
 from .precision import PRECISIONS, needs_grad_scaler
@@ -271,10 +271,7 @@ def build_model(cfg: TrainConfig, finetune: str | None = None) -> BEiT3Retrieval
     else:
         log.warning("=" * 30 + " no --finetune: training %s FROM SCRATCH (random init) " + "=" * 30, m.model)
     _check_tokenizer(cfg, model.cfg.vocab_size)
-    if m.compile:
-        for layer in model.beit3.encoder.layers:
-            layer.compile()  # in place: parameter names (and so checkpoints) stay the same
-    return model
+    return compile_layers(model) if m.compile else model
 
 
 def _check_tokenizer(cfg: TrainConfig, vocab_rows: int) -> None:
