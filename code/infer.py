@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "instead of the exact chunked top-k")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the gallery feature cache")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images")
+    p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer (fastest on a GPU)")
     runtime.add_sdpa_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     p.add_argument("--eval", action="store_true", help="score infer_json_all.json against --gt afterwards")
@@ -90,7 +91,7 @@ def to_config(args: argparse.Namespace) -> InferConfig:
         data_path=args.data_path, sentencepiece_model=args.sentencepiece_model, model=args.model,
         input_size=args.input_size, task=args.task, output_dir=args.output_dir, batch_size=args.batch_size,
         device=args.device, precision=args.precision, k=args.k, restrict_to_category=args.restrict_to_category,
-        use_faiss=args.faiss, num_workers=args.num_workers, pads={c: getattr(args, f"{c}_pad") for c in CATEGORIES},
+        use_faiss=args.faiss, num_workers=args.num_workers, compile=args.compile, pads={c: getattr(args, f"{c}_pad") for c in CATEGORIES},
         use_cache=not args.no_cache, evaluate=args.eval, gt=args.gt,
     )
 

@@ -224,6 +224,13 @@ def test_faiss_gives_the_exact_ranking(test_dir, infer, tmp_path):
     assert _results(tmp_path / "faiss" / "infer_json_all.json") == _results(tmp_path / "exact" / "infer_json_all.json")
 
 
+def test_compiled_model_gives_the_same_ranking(test_dir, infer, tmp_path):
+    infer(test_dir, tmp_path / "eager", "--no_cache")
+    infer(test_dir, tmp_path / "compiled", "--no_cache", "--compile")
+    assert _results(tmp_path / "compiled" / "infer_json_all.json") == \
+        _results(tmp_path / "eager" / "infer_json_all.json")
+
+
 def test_unreadable_image_is_reported_and_never_ranked(test_dir, infer, tmp_path, caplog):
     data = tmp_path / "test"
     shutil.copytree(test_dir, data)
