@@ -6,8 +6,10 @@ experts per sublayer, ``A`` for vision and ``B`` for language. Retrieval runs th
 (every token through expert A) and on the text alone (expert B), so the towers never attend to each other.
 
 Differences from the official code that do not change the numbers: attention goes through
-``F.scaled_dot_product_attention`` (no explicit score matrix), the expert choice is an argument instead of a
-mutable ``split_position`` attribute, and activation checkpointing uses ``torch.utils.checkpoint``.
+``F.scaled_dot_product_attention`` (no explicit score matrix), q/k/v are one GEMM, the last layer of
+``encode_image`` / ``encode_text`` computes only the first token's output (the only one retrieval reads; its keys
+and values still come from every token), the expert choice is an argument instead of a mutable ``split_position``
+attribute, and activation checkpointing uses ``torch.utils.checkpoint``.
 Parameter names and shapes are exactly those of the official state dict (``logit_scale``, ``beit3.*``,
 ``language_head.weight``, ``vision_head.weight``).
 """
