@@ -91,7 +91,8 @@ def to_config(args: argparse.Namespace) -> InferConfig:
         data_path=args.data_path, sentencepiece_model=args.sentencepiece_model, model=args.model,
         input_size=args.input_size, task=args.task, output_dir=args.output_dir, batch_size=args.batch_size,
         device=args.device, precision=args.precision, k=args.k, restrict_to_category=args.restrict_to_category,
-        use_faiss=args.faiss, num_workers=args.num_workers, compile=args.compile, pads={c: getattr(args, f"{c}_pad") for c in CATEGORIES},
+        use_faiss=args.faiss, num_workers=args.num_workers, compile=args.compile,
+        pads={c: getattr(args, f"{c}_pad") for c in CATEGORIES},
         use_cache=not args.no_cache, evaluate=args.eval, gt=args.gt,
     )
 

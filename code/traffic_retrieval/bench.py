@@ -280,13 +280,13 @@ def run_attention_check(args, device: torch.device) -> list[dict]:
         q, k, v, grad = (torch.randn(b, h, length, hd, generator=g, device=device) for _ in range(4))
         with sdpa_kernel(SDPBackend.MATH):  # called directly: attention() would apply the --sdpa preference
             ref = _attention_pass(q, k, v, grad, mask, F.scaled_dot_product_attention)
+        inputs = [t.to(dtype) for t in (q, k, v, grad)]
         for name in SDPA_ORDERS:
             set_sdpa(name)
-            args_ = [t.to(dtype) for t in (q, k, v, grad)]
-            out = _attention_pass(*args_, mask)
+            out = _attention_pass(*inputs, mask)
             errors = [(o.float() - r).abs().max().item() / r.abs().max().item() for o, r in zip(out, ref)]
-            t = _time(lambda: _attention_pass(*args_, mask), device, args.warmup, args.iters)
-            rows.append({"setting": "attention", "shape": what, "sdpa": name, "kernel": _sdpa_kernel_name(args_, mask),
+            t = _time(lambda: _attention_pass(*inputs, mask), device, args.warmup, args.iters)
+            rows.append({"setting": "attention", "shape": what, "sdpa": name, "kernel": _sdpa_kernel_name(inputs, mask),
                          "batch": b, "tokens": length, "heads": h, "head_dim": hd, "precision": args.precision,
                          "seconds_fwd_bwd": t, "rel_err_out": errors[0], "rel_err_grad": max(errors[1:])})
     set_sdpa(args.sdpa)

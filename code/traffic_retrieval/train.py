@@ -482,7 +482,7 @@ def resume(cfg: TrainConfig, trainer: Trainer, epoch: int) -> dict[str, Any]:
     if cfg.runtime.enable_deepspeed:
         _, state = trainer.updater.engine.load_checkpoint(str(out), tag=_tag(epoch))
         return state
-    ckpt = load_checkpoint_file(out / f"{_tag(epoch)}.pth")
+    ckpt = load_checkpoint_file(checkpoint_path(out, epoch, deepspeed=False))
     trainer.model.load_state_dict(ckpt["model"])
     trainer.updater.optimizer.load_state_dict(ckpt["optimizer"])
     if trainer.scaler is not None and ckpt.get("scaler") is not None:
