@@ -200,6 +200,10 @@ def test_resume_refuses_a_checkpoint_of_other_data_or_settings(script, indexed, 
     msg = _error(script, resume())
     assert "checkpoint-0.pth cannot continue this run" in msg
     assert f"{index} is not the file it was trained on (sha256 " in msg and "another --output_dir" in msg
+    misfit = tmp_path / "tiny64.pth"
+    torch.save({"model": create_model("beit3_tiny_patch8_64").state_dict()}, misfit)
+    msg = _error(script, resume("--finetune", str(misfit)))  # refused before the model is built and --finetune read
+    assert "cannot continue this run" in msg and "does not fit the model" not in msg
     index.write_text(original)
     msg = _error(script, resume("--model", "beit3_tiny_patch8_64"))
     assert "model.model was 'beit3_nano_patch16_32', now 'beit3_tiny_patch8_64'" in msg

@@ -599,11 +599,12 @@ def _restore(cfg: TrainConfig, trainer: Trainer, resume_epoch: int | None) -> Pr
 def _train(cfg: TrainConfig, info: D.DistInfo, device: torch.device, precision: str,
            on_step: StepCallback | None) -> dict:
     resume_epoch = check_output_dir(cfg)
+    vocab_rows = get_config(cfg.model.model, vocab_size=cfg.model.vocab_size).vocab_size
+    data = build_data(cfg, info, vocab_rows, pin_memory=device.type == "cuda")
+    if resume_epoch is not None:  # before the model is built and --finetune read: a refusal comes at once
+        check_resume(cfg, data, resume_epoch)
     torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank and in every attempt
     model = build_model(cfg)
-    data = build_data(cfg, info, model.cfg.vocab_size, pin_memory=device.type == "cuda")
-    if resume_epoch is not None:
-        check_resume(cfg, data, resume_epoch)
     trainer = build_optimizer(cfg, model, info, device, precision)
     progress = _restore(cfg, trainer, resume_epoch)
     o = cfg.optim
