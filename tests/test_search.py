@@ -138,6 +138,40 @@ def test_gallery_cache_is_reused(images, search, spy, tmp_path):
     assert "zz_copy.jpg" in [h.name for h in third[0].hits]
 
 
+
+def test_interrupted_gallery_encoding_resumes(images, ckpt, spy, tmp_path):
+    """Progress is saved while encoding and on Ctrl-C: a rerun encodes only the rest and gets a clean run's features."""
+    model = create_model(MODEL)
+    load_weights(model, ckpt)
+    paths = list_images(images)
+    spec = inference.FeatureSpec.create(ckpt, MODEL, 32, "fp32")
+    cache = tmp_path / "cache.pt"
+    real_encode, seen = model.encode_image, []
+
+    def encode_then_stop(x):
+        if len(seen) == 2:  # third batch: stop, after noting what the periodic saves have written so far
+            seen.append(len(torch.load(cache, weights_only=True)["entries"]))
+            raise KeyboardInterrupt
+        seen.append(len(x))
+        return real_encode(x)
+
+    model.encode_image = encode_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        inference.encode_gallery(model, paths, spec, cache, batch_size=4, device=torch.device("cpu"),
+                                 precision="fp32", save_every_s=0)
+    assert seen[:2] == [4, 4] and seen[2] in (4, 8)  # saved after batch 1 (and 2, unless saving was the slower)
+    assert [e[0] for e in torch.load(cache, weights_only=True)["entries"]] == [p.name for p in paths[:8]]
+
+    model.encode_image = real_encode
+    spy.clear()
+    resumed = inference.encode_gallery(model, paths, spec, cache, batch_size=4, device=torch.device("cpu"),
+                                       precision="fp32")
+    assert spy == [len(paths) - 8]
+    clean = encode_images(model, paths, eval_transform(32), batch_size=4)
+    assert resumed.paths == clean.paths
+    torch.testing.assert_close(resumed.features, clean.features, rtol=0, atol=1e-6)
+
+
 def test_default_cache_dir(images, search, tmp_path):
     assert default_cache_dir(images) == images.resolve().parent / ".search_cache"
     assert default_cache_dir(images, tmp_path / "o") == tmp_path / "o" / "cache"

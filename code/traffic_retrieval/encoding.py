@@ -63,8 +63,11 @@ class ImageFeatures:
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, paths: Sequence[Path], transform: Callable, *, batch_size: int = 64,
                   device: torch.device | str = "cpu", precision: str = "fp32", num_workers: int = 0,
-                  desc: str = "images") -> ImageFeatures:
-    """Encode images with ``model.encode_image``; unreadable ones are skipped and listed in ``failed``."""
+                  desc: str = "images", on_batch: Callable[[ImageFeatures], None] | None = None) -> ImageFeatures:
+    """Encode images with ``model.encode_image``; unreadable ones are skipped and listed in ``failed``.
+
+    ``on_batch`` receives each batch's result as soon as it is encoded (the gallery cache saves progress with it).
+    """
     device = torch.device(device)
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
@@ -73,13 +76,16 @@ def encode_images(model: torch.nn.Module, paths: Sequence[Path], transform: Call
     kept: list[int] = []
     failed: list[tuple[Path, str]] = []
     for idx, images, bad in tqdm(loader, desc=f"encode {desc}", unit="batch", leave=False):
-        failed += [(paths[i], err) for i, err in bad]
-        if images is None:
-            continue
-        with get_autocast(precision, device):
-            f = model.encode_image(images.to(device, non_blocking=True))
-        feats.append(f.float().cpu())
-        kept += idx.tolist()
+        batch_failed = [(Path(paths[i]), err) for i, err in bad]
+        failed += batch_failed
+        new = torch.empty(0, 0)
+        if images is not None:
+            with get_autocast(precision, device):
+                new = model.encode_image(images.to(device, non_blocking=True)).float().cpu()
+            feats.append(new)
+            kept += idx.tolist()
+        if on_batch is not None:
+            on_batch(ImageFeatures([Path(paths[i]) for i in idx.tolist()], new, batch_failed))
     for p, err in failed:
         log.warning("skipped unreadable image %s (%s)", p, err)
     dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0

@@ -22,10 +22,10 @@ Framing: each model sees the gallery as it saw its validation images: the side p
 from the training config the checkpoint carries (``args``), unless given; a checkpoint fine-tuned on the other
 category is warned about (the 4th place's infer.sh passed the car checkpoint for both models).
 
-Scale: each model encodes each gallery image once (features cached per model and per image, so an interrupted run
-re-encodes only what is missing), under bf16/fp16 autocast on the GPU; with ``dist_eval`` every rank encodes a
-contiguous shard of the gallery and of the queries and the features are gathered in order, so the result equals a
-single-process run; rank 0 ranks and writes.
+Scale: each model encodes each gallery image once (features cached per model and per image, saved every minute
+while encoding, so an interrupted run re-encodes only what is missing), under bf16/fp16 autocast on the GPU; with
+``dist_eval`` every rank encodes a contiguous shard of the gallery and of the queries and the features are gathered
+in order, so the result equals a single-process run; rank 0 ranks and writes.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from .transforms import eval_transform
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+CACHE_SAVE_SECONDS = 60.0  # the gallery cache is saved this often while encoding: what an interruption can lose
 TASKS = ("flickr30k",)
 
 
@@ -351,16 +352,17 @@ def _gather_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def encode_images_sharded(model: torch.nn.Module, paths: Sequence[Path], transform: Callable, *, batch_size: int,
-                          device: torch.device, precision: str, num_workers: int = 0,
-                          desc: str = "images") -> ImageFeatures:
-    """:func:`encode_images`, with every rank encoding a contiguous shard and the result gathered on every rank."""
+                          device: torch.device, precision: str, num_workers: int = 0, desc: str = "images",
+                          on_batch: Callable[[ImageFeatures], None] | None = None) -> ImageFeatures:
+    """:func:`encode_images`, with every rank encoding a contiguous shard and the result gathered on every rank
+    (``on_batch`` sees this rank's batches only)."""
     if get_world_size() == 1:
         return encode_images(model, paths, transform, batch_size=batch_size, device=device, precision=precision,
-                             num_workers=num_workers, desc=desc)
+                             num_workers=num_workers, desc=desc, on_batch=on_batch)
     part_rows = shard(len(paths))
     lo, hi = part_rows.start, part_rows.stop
     part = encode_images(model, paths[lo:hi], transform, batch_size=batch_size, device=device, precision=precision,
-                         num_workers=num_workers, desc=f"{desc} [rank {get_rank()}]")
+                         num_workers=num_workers, desc=f"{desc} [rank {get_rank()}]", on_batch=on_batch)
     where = {p: lo + j for j, p in enumerate(paths[lo:hi])}
     kept = torch.tensor([where[p] for p in part.paths], dtype=torch.long)
     features = _gather_rows(part.features, device)
@@ -370,16 +372,45 @@ def encode_images_sharded(model: torch.nn.Module, paths: Sequence[Path], transfo
     return ImageFeatures([Path(paths[i]) for i in kept.tolist()], features, failed)
 
 
+class _CacheSaver:
+    """Writes the gallery cache while images are being encoded, so that an interrupted run resumes where it stopped.
+
+    Saves at most every ``every_s`` seconds and, for large caches, never spends more than about a tenth of the time
+    writing (each save rewrites the whole file atomically).
+    """
+
+    def __init__(self, path: Path, spec: FeatureSpec, names: Sequence[str], stamps: Mapping[str, tuple[int, int]],
+                 feats: Mapping[str, torch.Tensor], failed: Mapping[str, str], every_s: float) -> None:
+        self.path, self.spec, self.names, self.stamps, self.feats, self.failed = path, spec, names, stamps, feats, failed
+        self.every_s, self.last, self.cost = every_s, time.monotonic(), 0.0
+
+    def save(self) -> int:
+        """Write every image encoded so far; returns how many have a feature."""
+        t0 = time.monotonic()
+        done = [n for n in self.names if n in self.feats or n in self.failed]
+        _save_cache(self.path, self.spec, done, self.stamps, self.feats, self.failed)
+        self.last = time.monotonic()
+        self.cost = self.last - t0
+        return len(done) - sum(n in self.failed for n in done)
+
+    def maybe_save(self) -> None:
+        if time.monotonic() - self.last >= max(self.every_s, 10 * self.cost):
+            n = self.save()
+            log.debug("%s: progress saved (%d features)", self.path, n)
+
+
 def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureSpec, cache_path: Path | None, *,
                    batch_size: int, device: torch.device, precision: str, num_workers: int = 0,
-                   desc: str = "gallery") -> ImageFeatures:
+                   desc: str = "gallery", save_every_s: float = CACHE_SAVE_SECONDS) -> ImageFeatures:
     """Gallery features of ``model`` for ``paths`` (unique file names), reusing a cache file.
 
     The cache holds, for one :class:`FeatureSpec`, each image's name, size and mtime and its feature (or why it
-    could not be read). Only images that are new or changed since are encoded, so a rerun after an interruption, a
-    different subset of the gallery or a few added images costs only what is missing. Unreadable images are
-    reported and left out of the result (they are never ranked). Under ``torch.distributed`` the missing images are
-    encoded in shards over the ranks; rank 0 writes the cache.
+    could not be read). Only images that are new or changed since are encoded, so a rerun, a different subset of
+    the gallery or a few added images costs only what is missing. Progress is saved every ``save_every_s`` seconds
+    while encoding and when the encoding stops with an error or Ctrl-C, so an interrupted run also resumes where it
+    stopped. Unreadable images are reported and left out of the result (they are never ranked). Under
+    ``torch.distributed`` the missing images are encoded in shards over the ranks; rank 0 writes the cache (with its
+    own shard's progress until the shards are gathered).
 
     Returns:
         The readable images in ``paths`` order, their features [N, D] float32 on the CPU, and the failed ones.
@@ -390,23 +421,41 @@ def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureS
         raise ValueError("encode_gallery: image file names must be unique")
     stamps = {p.name: file_stamp(p) for p in paths}
     cached = _load_cache(cache_path, spec) if cache_path is not None else {}
-    todo = [p for p in paths if p.name not in cached or cached[p.name][0] != stamps[p.name]]
+    fresh = {n: v for n, v in cached.items() if n in stamps and v[0] == stamps[n]}  # changed images are re-encoded
+    todo = [p for p in paths if p.name not in fresh]
     todo = broadcast_object(todo)  # every rank must encode the same list: rank 0's view of the cache decides
     log.info("%s: %d images, %d from the cache, %d to encode", desc, len(paths), len(paths) - len(todo), len(todo))
-    feats = {n: v[1] for n, v in cached.items() if v[1] is not None}
-    failed = {n: v[2] for n, v in cached.items() if v[2] is not None}
-    if todo:
-        new = encode_images_sharded(model, todo, eval_transform(spec.input_size, spec.pad), batch_size=batch_size,
-                                    device=device, precision=precision, num_workers=num_workers, desc=desc)
-        for p, row in zip(new.paths, new.features):
+    feats = {n: v[1] for n, v in fresh.items() if v[1] is not None}
+    failed = {n: v[2] for n, v in fresh.items() if v[2] is not None}
+    saver = (_CacheSaver(cache_path, spec, names, stamps, feats, failed, save_every_s)
+             if cache_path is not None and is_main_process() else None)
+
+    def merge(part: ImageFeatures) -> None:
+        for p, row in zip(part.paths, part.features):
             feats[p.name] = row
             failed.pop(p.name, None)
-        for p, reason in new.failed:
+        for p, reason in part.failed:
             failed[p.name] = reason
             feats.pop(p.name, None)
-        if cache_path is not None and is_main_process():
-            _save_cache(cache_path, spec, names, stamps, feats, failed)
-            log.info("%s: cached %d features in %s", desc, len(names) - sum(n in failed for n in names), cache_path)
+
+    def on_batch(part: ImageFeatures) -> None:
+        merge(part)
+        if saver is not None:
+            saver.maybe_save()
+
+    if todo:
+        try:
+            new = encode_images_sharded(model, todo, eval_transform(spec.input_size, spec.pad), batch_size=batch_size,
+                                        device=device, precision=precision, num_workers=num_workers, desc=desc,
+                                        on_batch=on_batch)
+        except BaseException:
+            if saver is not None:
+                log.warning("%s: stopped; %d features saved in %s, a rerun encodes only the rest", desc, saver.save(),
+                            cache_path)
+            raise
+        merge(new)
+        if saver is not None:
+            log.info("%s: cached %d features in %s", desc, saver.save(), cache_path)
     bad = [(p, failed[p.name]) for p in paths if p.name in failed]
     for p, reason in bad:
         log.warning("%s: unreadable gallery image %s (%s): never ranked", desc, p, reason)
