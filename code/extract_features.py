@@ -3,7 +3,9 @@
 Reads: an image folder (``--images``) and/or a text file with one text per line (``--texts``).
 Writes: one ``.npz`` (``--out``) with ``image_names``, ``image_features``, ``texts``, ``text_features`` (float32,
 L2-normalised; cosine similarity = dot product). Unreadable images and empty text lines are reported by name / line
-and left out; the rest is still written.
+and left out; the rest is still written. Image features go through a cache (``--cache_dir``, shared with
+``search.py``; progress saved every minute): a repeated or interrupted run encodes only new, changed or not yet
+encoded images.
 
 Example:
     python code/extract_features.py --model beit3_large_patch16_384 \
@@ -20,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from traffic_retrieval import runtime
-from traffic_retrieval.checkpoint import CheckpointError, load_weights
-from traffic_retrieval.encoding import encode_images, encode_texts, list_images
+from traffic_retrieval.checkpoint import CheckpointError, load_weights, resolve_checkpoint_path
+from traffic_retrieval.encoding import encode_texts
 from traffic_retrieval.fileio import atomic_open
+from traffic_retrieval.inference import FeatureSpec
 from traffic_retrieval.modeling import create_model, list_models
 from traffic_retrieval.precision import PRECISIONS, default_precision
+from traffic_retrieval.search import encode_folder, folder_images
 from traffic_retrieval.tokenizer import Tokenizer
-from traffic_retrieval.transforms import eval_transform
 
 log = logging.getLogger("extract_features")
 
@@ -43,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--cache_dir", default=None,
+                   help="image feature cache, shared with search.py (default: <images>/../.search_cache)")
+    p.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
     runtime.add_sdpa_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     p.add_argument("--out", required=True, help="output .npz file")
@@ -71,20 +77,20 @@ def main(argv: list[str] | None = None) -> None:
 
     model = create_model(args.model, img_size=args.input_size)
     try:
-        load_weights(model, args.finetune)
-    except (CheckpointError, FileNotFoundError) as e:
+        if args.images:
+            folder_images(args.images)  # a missing or empty folder fails before the weights are read
+        ckpt = resolve_checkpoint_path(args.finetune)
+        load_weights(model, ckpt)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     model.to(device).eval()
 
     out: dict[str, np.ndarray] = {}
     dim = model.cfg.embed_dim
     if args.images:
-        try:
-            paths = list_images(args.images)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: {e}") from None
-        res = encode_images(model, paths, eval_transform(model.cfg.img_size), batch_size=args.batch_size,
-                            device=device, precision=precision, num_workers=args.num_workers)
+        spec = FeatureSpec.create(ckpt, args.model, model.cfg.img_size, precision)
+        res = encode_folder(model, args.images, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                            batch_size=args.batch_size, device=device, num_workers=args.num_workers)
         for p, reason in res.failed:
             log.warning("%s: not encoded (%s)", p, reason)
         out["image_names"] = np.array([p.name for p in res.paths], dtype=str)

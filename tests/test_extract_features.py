@@ -61,3 +61,34 @@ def test_wrong_checkpoint_is_a_clear_error(setup, tiny_spm, load_script):
         main(["--model", "beit3_tiny_patch8_64", "--finetune", str(tmp / "ckpt.pth"), "--texts", str(tmp / "q.txt"),
               "--sentencepiece_model", str(tiny_spm), "--out", str(tmp / "x.npz"), "--device", "cpu"])
     assert not (tmp / "x.npz").exists()
+
+
+def test_image_features_are_cached(setup, tiny_spm, load_script, monkeypatch):
+    """A rerun reads the cache (shared with search.py, next to the folder) and encodes only a new image."""
+    import traffic_retrieval.inference as inference
+
+    _, tmp = setup
+    main = load_script("extract_features")["main"]
+    calls: list[int] = []
+    real = inference.encode_images
+    monkeypatch.setattr(inference, "encode_images", lambda m, paths, *a, **k: calls.append(len(paths)) or
+                        real(m, paths, *a, **k))
+    run = lambda out, *extra: main(["--model", "beit3_nano_patch16_32", "--finetune", str(tmp / "ckpt.pth"),  # noqa
+                                    "--images", str(tmp / "imgs"), "--out", str(tmp / out), "--device", "cpu", *extra])
+    run("first.npz")
+    assert calls == [4] and len(list((tmp / ".search_cache").glob("gallery_imgs_*.pt"))) == 1
+    Image.open(tmp / "imgs" / "a.png").save(tmp / "imgs" / "d.png")
+    run("second.npz")
+    assert calls == [4, 1]  # only the new image (broken.jpg stays recorded as unreadable)
+    first, second = np.load(tmp / "first.npz"), np.load(tmp / "second.npz")
+    assert second["image_names"].tolist() == ["a.png", "b.jpg", "c_gray.jpg", "d.png"]
+    assert np.array_equal(second["image_features"][:3], first["image_features"])
+    assert np.allclose(second["image_features"][3], first["image_features"][0], atol=1e-6)  # another batch
+
+    run("third.npz", "--no_cache", "--cache_dir", str(tmp / "unused"))
+    assert calls == [4, 1, 5] and not (tmp / "unused").exists()
+
+    (tmp / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no image file"):
+        main(["--model", "beit3_nano_patch16_32", "--finetune", str(tmp / "ckpt.pth"), "--images", str(tmp / "empty"),
+              "--out", str(tmp / "x.npz"), "--device", "cpu"])

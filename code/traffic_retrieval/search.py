@@ -111,6 +111,31 @@ def cache_file(cache_dir: str | os.PathLike, images: str | os.PathLike, model: s
     return Path(cache_dir) / f"gallery_{folder}_{digest}.pt"
 
 
+def folder_images(images: str | os.PathLike) -> list[Path]:
+    """The image files directly inside ``images``; FileNotFoundError / ValueError for a missing / empty folder."""
+    paths = list_images(images)
+    if not paths:
+        raise ValueError(f"no image file (.jpg, .png, ...) directly inside {images}")
+    return paths
+
+
+def encode_folder(model: torch.nn.Module, images: str | os.PathLike, spec: FeatureSpec, *,
+                  cache_dir: str | os.PathLike | None = None, use_cache: bool = True, batch_size: int = 64,
+                  device: torch.device | str = "cpu", num_workers: int = 0) -> ImageFeatures:
+    """Features of every image directly inside ``images`` under ``spec``, through the folder's feature cache
+    (:func:`cache_file` in ``cache_dir``, default :func:`default_cache_dir`): a repeated or interrupted run encodes
+    only new, changed or not yet encoded images. Unreadable images are reported and returned in ``failed``.
+
+    Raises:
+        FileNotFoundError: the folder is missing. ValueError: it holds no image file.
+    """
+    paths = folder_images(images)
+    cache = (cache_file(cache_dir or default_cache_dir(images), images, spec.model, spec.checkpoint) if use_cache
+             else None)
+    return encode_gallery(model, paths, spec, cache, batch_size=batch_size, device=torch.device(device),
+                          precision=spec.precision, num_workers=num_workers, desc=f"gallery {Path(images).name}")
+
+
 def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str | os.PathLike,
                    sentencepiece_model: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                    use_cache: bool = True, input_size: int | None = None, device: str = "auto",
@@ -124,9 +149,7 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
         FileNotFoundError: the folder, checkpoint or tokenizer is missing.
         ValueError: the folder has no image, or the checkpoint does not fit the model (the message names it).
     """
-    paths = list_images(images)
-    if not paths:
-        raise ValueError(f"no image file (.jpg, .png, ...) directly inside {images}")
+    folder_images(images)  # a missing or empty folder fails before the model is loaded
     dev = resolve_device(device)
     precision = precision or default_precision(dev)
     tokenizer = Tokenizer(sentencepiece_model)
@@ -134,9 +157,8 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
     what = f"--finetune {ckpt}"
     model, trained = load_model(model_name, ckpt, dev, input_size, tokenizer.vocab_size, what=what)
     spec = FeatureSpec.create(ckpt, model_name, model.cfg.img_size, precision, resolve_pad(pad, trained, what))
-    cache = cache_file(cache_dir or default_cache_dir(images), images, model_name, ckpt) if use_cache else None
-    gallery = encode_gallery(model, paths, spec, cache, batch_size=batch_size, device=dev, precision=precision,
-                             num_workers=num_workers, desc=f"gallery {Path(images).name}")
+    gallery = encode_folder(model, images, spec, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
+                            device=dev, num_workers=num_workers)
     info = {"images": str(images), "model": model_name, "checkpoint": str(ckpt),
             "gallery": f"{len(gallery.paths)} images" + (f" ({len(gallery.failed)} unreadable)" if gallery.failed
                                                          else "")}
