@@ -31,6 +31,22 @@ def test_dataset_matches_seed_counts_and_version(demo, tiny_dataset: Path, tmp_p
     assert not match(tmp_path / "missing", 0, dict(TINY_COUNTS))
 
 
+def test_training_runs_of_another_recipe_are_not_resumed(demo, tmp_path: Path) -> None:
+    """Finished runs are resumed (nothing to redo) only under the same recipe; else they are removed first."""
+    recipe, reset = demo["training_recipe"], demo["reset_training_if_recipe_changed"]
+    run = tmp_path / "pt_out_people" / "checkpoint-29.pth"
+    run.parent.mkdir()
+    run.write_bytes(b"weights")
+    reset(tmp_path, recipe(0, {"car": 34, "people": 30}))  # no record: runs of an older demo.py
+    assert not run.parent.exists()
+    run.parent.mkdir()
+    run.write_bytes(b"weights")
+    reset(tmp_path, recipe(0, {"car": 34, "people": 30}))
+    assert run.is_file()  # same recipe: kept, --auto_resume finds it finished
+    reset(tmp_path, recipe(0, {"car": 34, "people": 31}))
+    assert not run.parent.exists()
+    assert json.loads((tmp_path / "train_recipe.json").read_text())["epochs"] == {"car": 34, "people": 31}
+
 def test_demo_runs_every_stage_and_starts_over_on_a_new_dataset(demo, tmp_path: Path) -> None:
     data, out, spm = tmp_path / "data", tmp_path / "out", tmp_path / "demo.spm"
     out.mkdir()
