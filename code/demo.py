@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DET_CONFIG = "model_pth/demo/rtmdet_tiny_demo.py"
 DET_CHECKPOINT = "model_pth/demo/rtmdet_tiny_demo.pth"
 CATEGORIES = ("car", "people")
-# The demo recipe: a 4-layer, 128-wide BEiT-3 at 64 px trained from scratch on each category.
+# The demo recipe: a 4-layer, 128-wide BEiT-3 at 64 px (car from scratch, people from the car model).
 MODEL = "beit3_tiny_patch8_64"
 INPUT_SIZE = "64"
 EPOCHS = {"car": 34, "people": 30}
@@ -62,9 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spm", default="model_pth/demo/beit3_demo.spm",
                    help="where the tokenizer trained on the demo captions goes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process; training, which runs alone, gets threads x parallel "
+                        "(default: %(default)s)")
     p.add_argument("--parallel", type=int, default=2, choices=(1, 2),
-                   help="run the two categories' stages as parallel processes (default: %(default)s)")
+                   help="run the two categories' detection and search stages as parallel processes "
+                        "(default: %(default)s)")
     p.add_argument("--n_train", type=int, default=None, help="override the dataset size (quick runs)")
     p.add_argument("--n_val", type=int, default=None)
     p.add_argument("--n_test", type=int, default=None)
