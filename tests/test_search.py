@@ -172,6 +172,17 @@ def test_interrupted_gallery_encoding_resumes(images, ckpt, spy, tmp_path):
     torch.testing.assert_close(resumed.features, clean.features, rtol=0, atol=1e-6)
 
 
+
+def test_unwritable_cache_is_reported_not_fatal(images, search, tmp_path, caplog):
+    """A cache folder that cannot be made (here: under a file; a read-only mount alike) costs only the caching."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with caplog.at_level("WARNING"):
+        results = search(images, "--query", "A red BMW Sedan.", "--cache_dir", str(blocker / "cache"),
+                         "--html", str(tmp_path / "p.html"), "--k", "3")
+    assert len(results[0].hits) == 3 and (tmp_path / "p.html").is_file()
+    assert caplog.text.count("cannot write the feature cache") == 1 and str(blocker / "cache") in caplog.text
+
 def test_default_cache_dir(images, search, tmp_path):
     assert default_cache_dir(images) == images.resolve().parent / ".search_cache"
     assert default_cache_dir(images, tmp_path / "o") == tmp_path / "o" / "cache"

@@ -376,19 +376,28 @@ class _CacheSaver:
     """Writes the gallery cache while images are being encoded, so that an interrupted run resumes where it stopped.
 
     Saves at most every ``every_s`` seconds and, for large caches, never spends more than about a tenth of the time
-    writing (each save rewrites the whole file atomically).
+    writing (each save rewrites the whole file atomically). A cache that cannot be written (a read-only folder, a
+    full disk) is reported once and then left alone: it only saves time, the run goes on without it.
     """
 
     def __init__(self, path: Path, spec: FeatureSpec, names: Sequence[str], stamps: Mapping[str, tuple[int, int]],
                  feats: Mapping[str, torch.Tensor], failed: Mapping[str, str], every_s: float) -> None:
         self.path, self.spec, self.names, self.stamps, self.feats, self.failed = path, spec, names, stamps, feats, failed
-        self.every_s, self.last, self.cost = every_s, time.monotonic(), 0.0
+        self.every_s, self.last, self.cost, self.broken = every_s, time.monotonic(), 0.0, False
 
-    def save(self) -> int:
-        """Write every image encoded so far; returns how many have a feature."""
+    def save(self) -> int | None:
+        """Write every image encoded so far; how many have a feature, or None when the cache cannot be written."""
+        if self.broken:
+            return None
         t0 = time.monotonic()
         done = [n for n in self.names if n in self.feats or n in self.failed]
-        _save_cache(self.path, self.spec, done, self.stamps, self.feats, self.failed)
+        try:
+            _save_cache(self.path, self.spec, done, self.stamps, self.feats, self.failed)
+        except OSError as e:
+            self.broken = True
+            log.warning("cannot write the feature cache %s (%s: %s); going on without it", self.path,
+                        type(e).__name__, e)
+            return None
         self.last = time.monotonic()
         self.cost = self.last - t0
         return len(done) - sum(n in self.failed for n in done)
@@ -396,7 +405,7 @@ class _CacheSaver:
     def maybe_save(self) -> None:
         if time.monotonic() - self.last >= max(self.every_s, 10 * self.cost):
             n = self.save()
-            log.debug("%s: progress saved (%d features)", self.path, n)
+            log.debug("%s: progress saved (%s features)", self.path, n)
 
 
 def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureSpec, cache_path: Path | None, *,
@@ -449,13 +458,12 @@ def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureS
                                         device=device, precision=precision, num_workers=num_workers, desc=desc,
                                         on_batch=on_batch)
         except BaseException:
-            if saver is not None:
-                log.warning("%s: stopped; %d features saved in %s, a rerun encodes only the rest", desc, saver.save(),
-                            cache_path)
+            if saver is not None and (n := saver.save()) is not None:
+                log.warning("%s: stopped; %d features saved in %s, a rerun encodes only the rest", desc, n, cache_path)
             raise
         merge(new)
-        if saver is not None:
-            log.info("%s: cached %d features in %s", desc, saver.save(), cache_path)
+        if saver is not None and (n := saver.save()) is not None:
+            log.info("%s: cached %d features in %s", desc, n, cache_path)
     bad = [(p, failed[p.name]) for p in paths if p.name in failed]
     for p, reason in bad:
         log.warning("%s: unreadable gallery image %s (%s): never ranked", desc, p, reason)
