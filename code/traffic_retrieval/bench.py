@@ -27,7 +27,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .encoding import encode_token_batches
