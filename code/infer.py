@@ -3,6 +3,8 @@
 Reads:  the test index of ``code/jsonl_test.py`` in ``--data_path`` (test_text.txt, test.txt, test_order.json,
         flickr30k.test.jsonl, flickr30k.test_queries.jsonl, test_images/), and the fine-tuned checkpoints
         ``--finetune_car`` / ``--finetune_people`` (a .pth file or a DeepSpeed checkpoint directory).
+        Several checkpoints per category make an ensemble: its queries are ranked by the mean of the models'
+        cosine similarities.
 Writes: ``<output_dir>/infer_json_car.json`` and ``infer_json_people.json`` (each category's queries),
         ``infer_json_all.json`` (the submission: every query in test_text.txt order, 10 unique names each),
         ``<output_dir>/cache/gallery_<category>.pt`` (reused gallery features) and, with ``--eval``,
@@ -12,6 +14,7 @@ Examples:
     python code/infer.py --finetune_car code/pt_out_car/checkpoint-best \\
         --finetune_people code/pt_out_people/checkpoint-best --data_path dataset/test
     torchrun --nproc_per_node=2 code/infer.py --dist_eval ...      # encoding sharded over 2 GPUs
+    python code/infer.py --finetune_car code/pt_out_car/checkpoint-best code/pt_out_car_seed2/checkpoint-best ...
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=64, help="images per batch; texts use 4x (default: %(default)s)")
     p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm", help="(default: %(default)s)")
     for c in CATEGORIES:
-        p.add_argument(f"--finetune_{c}", default=DEFAULT_CHECKPOINT.format(category=c),
+        p.add_argument(f"--finetune_{c}", nargs="+", default=[DEFAULT_CHECKPOINT.format(category=c)],
+                       metavar="CKPT",
                        help=f"checkpoint of the {c} model: a .pth file or a DeepSpeed checkpoint directory; "
-                            f"'<dir>/checkpoint-best' also finds '<dir>/checkpoint-best.pth' (default: %(default)s)")
+                            f"'<dir>/checkpoint-best' also finds '<dir>/checkpoint-best.pth'; several: an ensemble "
+                            f"that ranks by their mean cosine similarity (default: %(default)s)")
         p.add_argument(f"--{c}_pad", type=int, default=None,
                        help=f"black pixels padded left and right of each image before the {c} model sees it "
                             "(default: the padding its checkpoint was validated with, else 0)")

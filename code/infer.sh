@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage 5: the submission. Runs code/infer.py with the paths below; override any of them from the environment,
 # e.g.  NGPU=2 CKPT_CAR=code/pt_out_car/checkpoint-16 bash code/infer.sh --eval
+# CKPT_CAR / CKPT_PEOPLE may list several checkpoints separated by spaces: an ensemble (mean cosine similarity).
 # Extra arguments are passed through to infer.py. Run from the repository root.
 set -euo pipefail
 
@@ -14,14 +15,16 @@ NGPU=${NGPU:-1}
 OUTPUT_DIR=${OUTPUT_DIR:-code}
 PYTHON=${PYTHON:-python}
 
+read -r -a CARS <<< "$CKPT_CAR"
+read -r -a PEOPLE <<< "$CKPT_PEOPLE"
 ARGS=(
     --model "$MODEL"
     --input_size "$INPUT_SIZE"
     --task flickr30k
     --batch_size 64
     --sentencepiece_model "$SPM"
-    --finetune_car "$CKPT_CAR"
-    --finetune_people "$CKPT_PEOPLE"
+    --finetune_car "${CARS[@]}"
+    --finetune_people "${PEOPLE[@]}"
     --data_path "$DATA_PATH"
     --output_dir "$OUTPUT_DIR"
 )

@@ -97,15 +97,20 @@ def _results(path: Path) -> list[tuple[str, list[str]]]:
     return load_submission(path)
 
 
-def _reference_topk(ckpt: Path, image_dir: Path, spm: Path, texts: list[str], pad: int, k: int = 10
-                    ) -> list[list[str]]:
-    """Brute force: every image and text encoded directly, the full score matrix, a stable descending sort."""
-    model = create_model(MODEL)
-    load_weights(model, ckpt)
+def _reference_topk(ckpt: Path | list[tuple[Path, int]], image_dir: Path, spm: Path, texts: list[str],
+                    pad: int = 0, k: int = 10) -> list[list[str]]:
+    """Brute force: every image and text encoded directly, the full score matrix, a stable descending sort. A list
+    of (checkpoint, padding) is an ensemble: the mean of the members' score matrices."""
+    members = ckpt if isinstance(ckpt, list) else [(ckpt, pad)]
     paths = list_images(image_dir)
-    img = encode_images(model, paths, eval_transform(32, pad), batch_size=64).features
-    txt = encode_texts(model, Tokenizer(spm), texts)
-    order = torch.argsort(txt @ img.T, dim=1, descending=True, stable=True)[:, :k]
+    scores = 0
+    for path, member_pad in members:
+        model = create_model(MODEL)
+        load_weights(model, path)
+        img = encode_images(model, paths, eval_transform(32, member_pad), batch_size=64).features
+        txt = encode_texts(model, Tokenizer(spm), texts)
+        scores = scores + (txt @ img.T) / len(members)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
     return [[paths[j].name for j in row] for row in order.tolist()]
 
 
@@ -216,6 +221,59 @@ def test_padding_override_and_swapped_checkpoint_warn(test_dir, infer, checkpoin
     assert "was fine-tuned on 'people', not 'car'" in caplog.text
     assert torch.load(out / "cache" / "gallery_people.pt")["spec"]["pad"] == 0
     assert torch.load(out / "cache" / "gallery_car.pt")["spec"]["pad"] == 8  # the people checkpoint's own padding
+
+
+def test_ensemble_ranks_by_the_mean_cosine_similarity(test_dir, infer, tiny_spm, checkpoints, tmp_path, monkeypatch):
+    """Two car checkpoints: each encodes with its own validated padding, the car queries are ranked by the mean of
+    the two models' similarities; the first member shares the single-model cache, so it is not encoded again."""
+    out = tmp_path / "out"
+    infer(test_dir, out)  # single models: fills cache/gallery_car.pt
+    encoded = []
+    real = inference.encode_images_sharded
+
+    def counting(model, paths, *args, **kwargs):
+        encoded.append(len(paths))
+        return real(model, paths, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "encode_images_sharded", counting)
+    summary = infer(test_dir, out, "--finetune_car", str(checkpoints["car"]), str(checkpoints["people"]))
+    assert encoded == [16]  # only the second car member encodes the gallery; the rest comes from the caches
+    assert torch.load(out / "cache" / "gallery_car_1.pt")["spec"]["pad"] == PADS["people"]
+    texts = read_test_text(test_dir / "test_text.txt")
+    res = _results(out / "infer_json_all.json")
+    idx = [i for i, t in enumerate(texts) if text_category(t) == "car"]
+    members = [(checkpoints["car"], PADS["car"]), (checkpoints["people"], PADS["people"])]
+    ensemble = _reference_topk(members, test_dir / "test_images", tiny_spm, [texts[i] for i in idx])
+    assert [res[i][1] for i in idx] == ensemble
+    single = _reference_topk(checkpoints["car"], test_dir / "test_images", tiny_spm, [texts[i] for i in idx])
+    assert ensemble != single  # the second member really changes the ranking
+    assert summary["queries"] == {"car": 8, "people": 8}
+
+
+def test_ensemble_features_fuse_to_the_mean_and_drop_images_a_member_failed():
+    torch.manual_seed(0)
+    paths = [Path(f"{i}.jpg") for i in range(5)]
+    g1, g2 = (torch.nn.functional.normalize(torch.randn(5, 8), dim=1) for _ in range(2))
+    q1, q2 = (torch.nn.functional.normalize(torch.randn(3, 8), dim=1) for _ in range(2))
+    a = inference.ImageFeatures(paths, g1)
+    b = inference.ImageFeatures([paths[i] for i in (0, 1, 3, 4)], g2[[0, 1, 3, 4]], [(paths[2], "truncated")])
+    gallery, queries = inference.ensemble_features([a, b], [q1, q2])
+    keep = [0, 1, 3, 4]
+    assert gallery.paths == [paths[i] for i in keep] and gallery.failed == [(paths[2], "truncated")]
+    expected = (q1 @ g1[keep].T + q2 @ g2[keep].T) / 2
+    assert torch.allclose(queries @ gallery.features.T, expected, atol=1e-6)
+    assert torch.allclose(gallery.features.norm(dim=1), torch.ones(4)) and torch.allclose(queries.norm(dim=1),
+                                                                                          torch.ones(3))
+    assert inference.ensemble_features([a], [q1]) == (a, q1)
+    with pytest.raises(ValueError, match="different images"):
+        inference.ensemble_features([a, inference.ImageFeatures(paths[:4], g2[:4])], [q1, q2])
+
+
+def test_ensemble_of_one_checkpoint_twice_is_refused(test_dir, infer, checkpoints, tmp_path):
+    ckpt = checkpoints["people"]
+    msg = _error(infer, test_dir, tmp_path / "out", "--finetune_people", str(ckpt),
+                 str(ckpt / "mp_rank_00_model_states.pt"))
+    assert "--finetune_people" in msg and "same checkpoint" in msg and not (tmp_path / "out").exists()
 
 
 def test_faiss_gives_the_exact_ranking(test_dir, infer, tmp_path):

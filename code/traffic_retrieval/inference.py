@@ -10,6 +10,7 @@ Writes (``output_dir``), every file atomically and every submission validated fi
 - ``infer_json_car.json`` / ``infer_json_people.json``: that category's queries only, in test_text.txt order;
 - ``infer_json_all.json``: every query in test_text.txt order, texts character for character (the submission);
 - ``cache/gallery_<category>.pt``: the gallery features of that category's model (see :func:`encode_gallery`);
+  ``gallery_<category>_<j>.pt`` for the further members of an ensemble;
 - ``infer_metrics.json`` (with ``evaluate``): the metrics of ``infer_json_all.json`` against the ground truth.
 
 What the 4th place's ``infer.py`` did differently (challenge.md section 4), and why this is better: it assumed the
@@ -21,6 +22,11 @@ files unvalidated.
 Framing: each model sees the gallery as it saw its validation images: the side padding (``people_pad``) is read
 from the training config the checkpoint carries (``args``), unless given; a checkpoint fine-tuned on the other
 category is warned about (the 4th place's infer.sh passed the car checkpoint for both models).
+
+Ensembles: a category may have several checkpoints (other seeds, epochs or recipes of the same model); its
+queries are then ranked by the mean of the members' cosine similarities, as the 1st place fused its models. The
+members' L2-normalised features are concatenated and divided by sqrt(members) (:func:`ensemble_features`), so a dot
+product of the fused unit vectors is that mean, and the chunked top-k and FAISS search work unchanged.
 
 Scale: each model encodes each gallery image once (features cached per model and per image, saved every minute
 while encoding, so an interrupted run re-encodes only what is missing), under bf16/fp16 autocast on the GPU; with
@@ -232,6 +238,58 @@ def find_checkpoint(path: str | os.PathLike, category: str) -> Path:
     tried = " nor ".join(str(c) for c in candidates)
     raise InferenceError(f"checkpoint of the {category!r} model not found: neither {tried} exists; "
                          f"train it or pass {flag} PATH (a .pth file or a DeepSpeed checkpoint directory)")
+
+
+def resolve_members(paths: str | os.PathLike | Sequence[str | os.PathLike] | None, category: str,
+                    n_queries: int) -> list[Path]:
+    """The checkpoint files of ``category``'s model, or of its ensemble members (see :func:`find_checkpoint`).
+
+    Raises:
+        InferenceError: no checkpoint was given, one is missing, or one file is listed twice.
+    """
+    flag = f"--finetune_{category}"
+    listed = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths or [])
+    if not listed or not all(str(p) for p in listed):
+        raise InferenceError(f"there are {n_queries} {category!r} queries but no checkpoint: pass {flag} PATH")
+    files = [find_checkpoint(p, category) for p in listed]
+    seen: dict[Path, str] = {}
+    for given, f in zip(listed, files):
+        if f.resolve() in seen:
+            raise InferenceError(f"{flag}: {given} and {seen[f.resolve()]} are the same checkpoint ({f}); an ensemble "
+                                 "needs different ones")
+        seen[f.resolve()] = str(given)
+    return files
+
+
+def ensemble_features(galleries: Sequence[ImageFeatures], queries: Sequence[torch.Tensor]
+                      ) -> tuple[ImageFeatures, torch.Tensor]:
+    """Fuse the members of an ensemble: ``(gallery, queries)`` whose dot product is the mean of the members'
+    cosine similarities.
+
+    Each member's features are L2-normalised; concatenating them and dividing by sqrt(n) gives unit vectors with
+    ``<q, g> = (1/n) sum_j <q_j, g_j>``. Every member encoded the same images; the fused gallery keeps those that
+    every member could read, in the first member's order, and reports the others as failed. One member is returned
+    as it is.
+    """
+    if len(galleries) != len(queries) or not galleries:
+        raise ValueError("ensemble_features: one gallery and one query tensor per member")
+    if len(galleries) == 1:
+        return galleries[0], queries[0]
+    encoded = [{p.name for p in g.paths} | {p.name for p, _ in g.failed} for g in galleries]
+    if any(e != encoded[0] for e in encoded[1:]):
+        raise ValueError("ensemble_features: the members encoded different images")
+    failed: dict[str, tuple[Path, str]] = {}
+    for g in galleries:  # an image one member could not read is left out for all (the first reason is kept)
+        for p, reason in g.failed:
+            failed.setdefault(p.name, (p, reason))
+    ok = [p for p in galleries[0].paths if p.name not in failed]
+    scale = len(galleries) ** -0.5
+    parts = []
+    for g in galleries:
+        row = {p.name: i for i, p in enumerate(g.paths)}
+        parts.append(g.features[[row[p.name] for p in ok]])
+    gallery = torch.cat(parts, dim=1) * scale
+    return ImageFeatures(ok, gallery, list(failed.values())), torch.cat(list(queries), dim=1) * scale
 
 
 @dataclass(frozen=True)
@@ -526,7 +584,9 @@ def complete_ranking(ranked: Sequence[str], fallback: Sequence[str], k: int) -> 
 class InferConfig:
     """Inference settings (``code/infer.py`` flags)."""
 
-    checkpoints: dict[str, str]  # category -> checkpoint (file, DeepSpeed dir or checkpoint-best[.pth])
+    # category -> checkpoint (file, DeepSpeed dir or checkpoint-best[.pth]), or a list of them: an ensemble ranked by
+    # the mean cosine similarity of its members
+    checkpoints: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]]
     data_path: str = "dataset/test"  # folder with test_text.txt, test_images/ and the jsonl_test.py index
     sentencepiece_model: str = "model_pth/beit3.spm"
     model: str = "beit3_large_patch16_384"  # registered model name
@@ -591,11 +651,7 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     counts = {c: len(index.queries_of(c)) for c in CATEGORIES}
     log.info("%d queries (%s), %d gallery images; device %s, %s", len(index.texts),
              ", ".join(f"{c}: {n}" for c, n in counts.items()), len(index.image_names), device, precision)
-    checkpoints = {}
-    for c in present:  # resolve every checkpoint before the first slow step
-        if not cfg.checkpoints.get(c):
-            raise InferenceError(f"there are {counts[c]} {c!r} queries but no checkpoint: pass --finetune_{c} PATH")
-        checkpoints[c] = find_checkpoint(cfg.checkpoints[c], c)
+    checkpoints = {c: resolve_members(cfg.checkpoints.get(c), c, counts[c]) for c in present}  # before slow steps
 
     known = [c for c in index.image_categories if c is not None]
     if cfg.restrict_to_category and not known:
@@ -611,29 +667,34 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     failed: dict[str, str] = {}
     for c in present:
         t0 = time.perf_counter()
-        what = f"--finetune_{c} {checkpoints[c]}"
-        model, trained = load_model(cfg.model, checkpoints[c], device, cfg.input_size, tokenizer.vocab_size, what)
-        if trained.category not in (None, c):
-            log.warning("%s was fine-tuned on %r, not %r: is it the right checkpoint?", what, trained.category, c)
-        if cfg.compile:
-            compile_layers(model)
-        pad = resolve_pad(cfg.pads.get(c), trained, what)
-        spec = FeatureSpec.create(checkpoints[c], cfg.model, model.cfg.img_size, precision, pad)
-        galleries[c] = encode_gallery(
-            model, candidates[c], spec, cache_dir / f"gallery_{c}.pt" if cfg.use_cache else None,
-            batch_size=cfg.batch_size, device=device, precision=precision, num_workers=cfg.num_workers,
-            desc=f"{c} gallery")
-        failed.update((p.name, r) for p, r in galleries[c].failed)
         q_idx = index.queries_of(c)
-        query_feats[c] = encode_queries_sharded(model, [index.segments[i] for i in q_idx], tokenizer.max_len,
-                                                batch_size=cfg.batch_size * 4, device=device, precision=precision,
-                                                desc=f"{c} queries")
-        del model  # one model on the device at a time
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        member_galleries, member_queries = [], []
+        for j, ckpt in enumerate(checkpoints[c]):
+            what = f"--finetune_{c} {ckpt}"
+            tag = c if len(checkpoints[c]) == 1 else f"{c} model {j + 1}/{len(checkpoints[c])}"
+            model, trained = load_model(cfg.model, ckpt, device, cfg.input_size, tokenizer.vocab_size, what)
+            if trained.category not in (None, c):
+                log.warning("%s was fine-tuned on %r, not %r: is it the right checkpoint?", what, trained.category, c)
+            if cfg.compile:
+                compile_layers(model)
+            pad = resolve_pad(cfg.pads.get(c), trained, what)
+            spec = FeatureSpec.create(ckpt, cfg.model, model.cfg.img_size, precision, pad)
+            # member 0 keeps the single-model cache name, so adding members to a run re-encodes nothing of it
+            cache = cache_dir / (f"gallery_{c}.pt" if j == 0 else f"gallery_{c}_{j}.pt")
+            member_galleries.append(encode_gallery(
+                model, candidates[c], spec, cache if cfg.use_cache else None, batch_size=cfg.batch_size,
+                device=device, precision=precision, num_workers=cfg.num_workers, desc=f"{tag} gallery"))
+            member_queries.append(encode_queries_sharded(
+                model, [index.segments[i] for i in q_idx], tokenizer.max_len, batch_size=cfg.batch_size * 4,
+                device=device, precision=precision, desc=f"{tag} queries"))
+            del model  # one model on the device at a time
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        galleries[c], query_feats[c] = ensemble_features(member_galleries, member_queries)
+        failed.update((p.name, r) for p, r in galleries[c].failed)
         timings[f"encode_{c}"] = time.perf_counter() - t0
-        log.info("%s: encoded %d images and %d queries in %.1f s", c, len(galleries[c].paths), len(q_idx),
-                 timings[f"encode_{c}"])
+        log.info("%s: encoded %d images and %d queries%s in %.1f s", c, len(galleries[c].paths), len(q_idx),
+                 f" with {len(checkpoints[c])} models" if len(checkpoints[c]) > 1 else "", timings[f"encode_{c}"])
 
     summary: dict[str, Any] = {"queries": counts, "images": len(index.image_names),
                                "failed_images": sorted(failed.items()), "timings": timings,

@@ -84,7 +84,8 @@ class BEiT3Config:
     checkpoint_activations: bool = False  # recompute each layer in backward to save memory
     # Init of the position tables when training from scratch: 1.0 is the official (nn.Embedding's N(0, 1)); such
     # large positions swamp the patch and token embeddings of an untrained model, which then sits on a plateau at
-    # loss ln(batch) for many epochs. The from-scratch demo config uses 0.02, as ViTs do. Loaded weights replace it.
+    # loss ln(batch) for many epochs. The tiny configs (trained from scratch in the demo and the tests) use 0.02, as
+    # ViTs do. Loaded weights replace it.
     pos_init_std: float = 1.0
 
     @property
@@ -350,7 +351,8 @@ MODEL_CONFIGS: dict[str, BEiT3Config] = {
     "beit3_large_patch16_224": replace(_LARGE, img_size=224),
     "beit3_large_patch16_384": replace(_LARGE, img_size=384),
     # Tiny configs: not official; for tests (nano) and the from-scratch CPU demo (tiny).
-    "beit3_nano_patch16_32": BEiT3Config(img_size=32, embed_dim=64, depth=2, num_heads=4, vocab_size=1024, max_text_positions=128),
+    "beit3_nano_patch16_32": BEiT3Config(img_size=32, embed_dim=64, depth=2, num_heads=4, vocab_size=1024,
+                                         max_text_positions=128, pos_init_std=0.02),
     "beit3_tiny_patch8_64": BEiT3Config(img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, vocab_size=1024,
                                         max_text_positions=128, pos_init_std=0.02),
 }
