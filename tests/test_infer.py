@@ -303,7 +303,9 @@ def test_unreadable_image_is_reported_and_never_ranked(test_dir, infer, tmp_path
 
 
 def test_dist_eval_two_processes_equal_one(test_dir, infer, tiny_spm, checkpoints, tmp_path):
-    infer(test_dir, tmp_path / "single", "--no_cache")
+    """Sharded encoding over two processes gives the same files as one, also for an ensemble (people here)."""
+    people = [str(checkpoints["people"]), str(checkpoints["car"])]
+    infer(test_dir, tmp_path / "single", "--no_cache", "--finetune_people", *people)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in TORCHRUN_VARS:
         env.pop(var, None)
@@ -311,15 +313,16 @@ def test_dist_eval_two_processes_equal_one(test_dir, infer, tiny_spm, checkpoint
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(REPO / "code" / "infer.py"),
            "--dist_eval", "--model", MODEL, "--input_size", "32", "--data_path", str(test_dir),
            "--sentencepiece_model", str(tiny_spm), "--finetune_car", str(checkpoints["car"]), "--finetune_people",
-           str(checkpoints["people"]), "--output_dir", str(tmp_path / "dist"), "--device", "cpu"]
+           *people, "--output_dir", str(tmp_path / "dist"), "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("infer_json_all.json", "infer_json_car.json", "infer_json_people.json"):
         assert (tmp_path / "dist" / name).read_bytes() == (tmp_path / "single" / name).read_bytes()
     # rank 0 wrote the gathered features: all 16 images, in order, equal to one process's features
-    cache = torch.load(tmp_path / "dist" / "cache" / "gallery_car.pt")
-    assert [e[0] for e in cache["entries"]] == sorted(p.name for p in (test_dir / "test_images").iterdir())
-    assert cache["features"].shape[0] == 16
+    for member in ("gallery_car.pt", "gallery_people.pt", "gallery_people_1.pt"):
+        cache = torch.load(tmp_path / "dist" / "cache" / member)
+        assert [e[0] for e in cache["entries"]] == sorted(p.name for p in (test_dir / "test_images").iterdir())
+        assert cache["features"].shape[0] == 16
 
 
 # ------------------------------------------------------------------------------------------------ bad input
