@@ -1,14 +1,17 @@
 """Search any image folder with text queries and write an HTML contact sheet of the results.
 
 Reads:  ``--images`` (every image directly inside the folder), ``--query TEXT`` or ``--queries FILE`` (one query per
-        line), a checkpoint (``--finetune``), the sentencepiece model, optionally ``--gt`` (``text$img1$img2...`` per
-        line) to mark hits and misses and compute each query's AP.
+        line), a checkpoint (``--finetune``; or ``--finetune_car`` and/or ``--finetune_people``: each query is then
+        answered by the model of its category, by the text rule of stage 5), the sentencepiece model, optionally
+        ``--gt`` (``text$img1$img2...`` per line) to mark hits and misses and compute each query's AP.
 Writes: the gallery features in ``--cache_dir`` (reused on the next call while nothing changed), and the HTML page
         (``--html``; thumbnails embedded, so the page can be moved). Prints the top k of each query with scores.
 
 Example:
     python code/search.py --images dataset/test/test_images --query "A black Volkswagen Sedan." \\
         --model beit3_large_patch16_384 --finetune code/pt_out_car/checkpoint-best --html runs/search.html
+    python code/search.py --images camera_frames/ --queries queries.txt \
+        --finetune_car code/pt_out_car/checkpoint-best --finetune_people code/pt_out_people/checkpoint-best
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from traffic_retrieval import runtime
 from traffic_retrieval.checkpoint import CheckpointError
 from traffic_retrieval.modeling import list_models
 from traffic_retrieval.precision import PRECISIONS
+from traffic_retrieval.categories import CATEGORIES
 from traffic_retrieval.search import (
     QueryResult,
+    build_category_searcher,
     build_searcher,
     default_cache_dir,
     format_results,
     mark_hits,
     read_queries,
     read_relevance,
+    route_queries,
     write_html,
 )
 
@@ -42,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q.add_argument("--query", help="one query text")
     q.add_argument("--queries", help="text file, one query per line")
     p.add_argument("--model", default="beit3_large_patch16_384", choices=list_models(), help="(default: %(default)s)")
-    p.add_argument("--finetune", required=True, help="checkpoint: a .pth file or a DeepSpeed checkpoint directory")
+    p.add_argument("--finetune", help="checkpoint: a .pth file or a DeepSpeed checkpoint directory")
+    for c in CATEGORIES:
+        p.add_argument(f"--finetune_{c}", help=f"instead of --finetune: the {c} model, which answers the queries "
+                                               f"about {c} (the text rule of stage 5)")
     p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm", help="(default: %(default)s)")
     p.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
     p.add_argument("--output_dir", default=None,
@@ -71,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--pad must be >= 0")
     if args.query is not None and not args.query.strip():
         p.error("--query is empty")
+    per_category = [f"--finetune_{c}" for c in CATEGORIES if getattr(args, f"finetune_{c}")]
+    if (args.finetune is None) == (not per_category):
+        p.error("pass either --finetune (one model for every query) or " + " and/or ".join(
+            f"--finetune_{c}" for c in CATEGORIES) + " (each query to the model of its category)"
+                + (f", not both (got --finetune and {', '.join(per_category)})" if per_category else ""))
     return args
 
 
@@ -81,11 +95,16 @@ def main(argv: list[str] | None = None) -> list[QueryResult]:
     try:
         queries = [args.query] if args.query is not None else read_queries(args.queries)
         relevance = read_relevance(args.gt) if args.gt else None
-        searcher = build_searcher(
-            args.images, args.model, args.finetune, args.sentencepiece_model,
-            cache_dir=args.cache_dir or default_cache_dir(args.images, args.output_dir), use_cache=not args.no_cache,
-            input_size=args.input_size, device=args.device, precision=args.precision, batch_size=args.batch_size,
-            num_workers=args.num_workers, pad=args.pad)
+        opts = dict(cache_dir=args.cache_dir or default_cache_dir(args.images, args.output_dir),
+                    use_cache=not args.no_cache, input_size=args.input_size, device=args.device,
+                    precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers, pad=args.pad)
+        if args.finetune is not None:
+            searcher = build_searcher(args.images, args.model, args.finetune, args.sentencepiece_model, **opts)
+        else:
+            checkpoints = {c: getattr(args, f"finetune_{c}") for c in CATEGORIES if getattr(args, f"finetune_{c}")}
+            route_queries(queries, checkpoints)  # a query without its model fails before any model is loaded
+            searcher = build_category_searcher(args.images, args.model, checkpoints, args.sentencepiece_model,
+                                               **opts)
         results = searcher.search(queries, args.k)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise SystemExit(f"search.py: error: {e}") from None

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import traffic_retrieval.inference as inference
+from traffic_retrieval.categories import text_category
 from traffic_retrieval.checkpoint import load_weights
 from traffic_retrieval.encoding import encode_images, encode_texts, list_images
 from traffic_retrieval.labels import read_ground_truth, read_test_text
@@ -67,11 +68,12 @@ def spy(monkeypatch) -> list[int]:
     return calls
 
 
-def _brute_force(ckpt: Path, spm: Path, images: Path, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+def _brute_force(ckpt: Path, spm: Path, images: Path, texts: list[str], k: int, pad: int = 0
+                 ) -> list[list[tuple[str, float]]]:
     model = create_model(MODEL)
     load_weights(model, ckpt)
     paths = list_images(images)
-    img = encode_images(model, paths, eval_transform(32)).features
+    img = encode_images(model, paths, eval_transform(32, pad)).features
     sims = encode_texts(model, Tokenizer(spm), texts) @ img.T
     order = torch.argsort(sims, dim=1, descending=True, stable=True)[:, :k]
     return [[(paths[j].name, sims[i, j].item()) for j in row] for i, row in enumerate(order.tolist())]
@@ -115,6 +117,51 @@ def test_search_table_html_and_hits(tiny_dataset, images, search, ckpt, tiny_spm
     for r in results:
         assert r.text in page and f"official AP {r.official_ap:.4f}" in page
     assert (out / "cache").is_dir()  # --output_dir also hosts the cache
+
+
+def test_queries_go_to_the_model_of_their_category(tiny_dataset, images, load_script, ckpt, tiny_spm, tmp_path):
+    """--finetune_car / --finetune_people: each query is ranked by its category's model (the people one with the
+    padding it was validated with), in the order of the queries; one contact sheet names both checkpoints."""
+    torch.manual_seed(3)
+    people_ckpt = tmp_path / "people.pth"
+    torch.save({"model": create_model(MODEL).state_dict(), "args": {"data": {"category": "people", "people_pad": 6}}},
+               people_ckpt)
+    texts = read_test_text(tiny_dataset / "test" / "test_text.txt")
+    cats = [text_category(t) for t in texts]
+    people = [t for t, c in zip(texts, cats) if c == "people"]
+    queries = [people[0], texts[cats.index("car")], people[-1]]  # people, car, people: the order must be kept
+    qfile = tmp_path / "queries.txt"
+    qfile.write_text("\n".join(queries) + "\n")
+    out = tmp_path / "out"
+    results = load_script("search")["main"](
+        ["--images", str(images), "--queries", str(qfile), "--model", MODEL, "--finetune_car", str(ckpt),
+         "--finetune_people", str(people_ckpt), "--sentencepiece_model", str(tiny_spm), "--device", "cpu", "--k", "4",
+         "--output_dir", str(out)])
+    assert [r.text for r in results] == queries
+    for r, q in zip(results, queries):
+        want = (_brute_force(people_ckpt, tiny_spm, images, [q], 4, pad=6) if text_category(q) == "people"
+                else _brute_force(ckpt, tiny_spm, images, [q], 4))[0]
+        assert [h.name for h in r.hits] == [n for n, _ in want]
+        assert [h.score for h in r.hits] == pytest.approx([sc for _, sc in want], abs=1e-5)
+    page = (out / "search.html").read_text()
+    assert str(people_ckpt) in page and str(ckpt) in page
+    assert len(list((out / "cache").glob("gallery_*.pt"))) == 2  # one cache per model
+
+
+def test_a_query_without_its_category_model_fails_before_loading(tiny_dataset, images, load_script, ckpt,
+                                                                 tiny_spm, tmp_path):
+    main = load_script("search")["main"]
+    people_query = next(t for t in read_test_text(tiny_dataset / "test" / "test_text.txt")
+                        if text_category(t) == "people")
+    argv = ["--images", str(images), "--query", people_query, "--model", MODEL, "--sentencepiece_model",
+            str(tiny_spm), "--device", "cpu", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--finetune_car", str(ckpt)])
+    assert "query 1" in str(e.value.code) and "no people model" in str(e.value.code)
+    assert "--finetune_people" in str(e.value.code) and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--finetune", str(ckpt), "--finetune_people", str(ckpt)])
+    assert e.value.code == 2
 
 
 def test_gallery_cache_is_reused(images, search, spy, tmp_path):

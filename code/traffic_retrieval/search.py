@@ -1,7 +1,8 @@
 """Text-to-image search over any image folder, a printable result table and a self-contained HTML contact sheet.
 
-Reads: an image folder (the files directly inside it), one or more query texts, a checkpoint and a sentencepiece
-model; optionally ground truth in the official format (``text$img1$img2...`` per line) to mark hits and misses.
+Reads: an image folder (the files directly inside it), one or more query texts, a checkpoint (or one per category:
+each query then goes to the model of its category by the text rule, as in stage 5) and a sentencepiece model;
+optionally ground truth in the official format (``text$img1$img2...`` per line) to mark hits and misses.
 Writes: the gallery features, cached in ``<cache_dir>/gallery_<folder>_<key>.pt`` (reused while the checkpoint,
 model, input size, precision and every image's size and mtime are unchanged; only new or changed images are
 encoded), and the HTML page: per query its text, AP when ground truth is given, and the top k as thumbnails (small
@@ -19,10 +20,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 
+from .categories import CATEGORIES, text_category
 from .checkpoint import resolve_checkpoint_path
 from .encoding import ImageFeatures, encode_texts, list_images
 from .fileio import write_text
@@ -95,6 +97,43 @@ class Searcher:
         return out
 
 
+def route_queries(queries: Sequence[str], models: Collection[str]) -> list[str]:
+    """The category of each query (the text rule); ValueError naming the first query whose category is not in
+    ``models``."""
+    cats = [text_category(q) for q in queries]
+    for i, (q, c) in enumerate(zip(queries, cats), start=1):
+        if c not in models:
+            raise ValueError(f"query {i} ({q!r}) is about {c} by the text rule, but there is no {c} model: pass "
+                             f"--finetune_{c}")
+    return cats
+
+
+@dataclass
+class CategorySearcher:
+    """One :class:`Searcher` per category: each query is answered by the model of its category (the text rule of
+    :func:`traffic_retrieval.categories.text_category`), as stage 5 does, so a mixed camera folder is searched with
+    the car and the people model in one run. Results keep the order of the queries."""
+
+    searchers: dict[str, Searcher]
+
+    @property
+    def info(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for c, s in self.searchers.items():
+            out.update((f"{k} ({c} queries)" if k in ("checkpoint", "gallery") else k, v) for k, v in s.info.items())
+        return out
+
+    def search(self, queries: Sequence[str], k: int = 10) -> list[QueryResult]:
+        cats = route_queries(queries, self.searchers)
+        out: list[QueryResult | None] = [None] * len(queries)
+        for c, searcher in self.searchers.items():
+            idx = [i for i, x in enumerate(cats) if x == c]
+            if idx:
+                for i, r in zip(idx, searcher.search([queries[i] for i in idx], k)):
+                    out[i] = r
+        return out  # type: ignore[return-value]  # every query had a model
+
+
 def default_cache_dir(images: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
     """``<output_dir>/cache`` when an output folder is given, else ``<images>/../.search_cache``."""
     if output_dir is not None:
@@ -140,10 +179,11 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
                    sentencepiece_model: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                    use_cache: bool = True, input_size: int | None = None, device: str = "auto",
                    precision: str | None = None, batch_size: int = 64, num_workers: int = 0,
-                   pad: int | None = None) -> Searcher:
+                   pad: int | None = None, flag: str = "--finetune") -> Searcher:
     """Load the model and encode (or reuse the cached features of) every image directly inside ``images``.
 
-    ``pad`` (black pixels left and right before resizing) defaults to the padding the checkpoint was validated with.
+    ``pad`` (black pixels left and right before resizing) defaults to the padding the checkpoint was validated with;
+    ``flag`` names the checkpoint in messages.
 
     Raises:
         FileNotFoundError: the folder, checkpoint or tokenizer is missing.
@@ -154,7 +194,7 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
     precision = precision or default_precision(dev)
     tokenizer = Tokenizer(sentencepiece_model)
     ckpt = resolve_checkpoint_path(checkpoint)
-    what = f"--finetune {ckpt}"
+    what = f"{flag} {ckpt}"
     model, trained = load_model(model_name, ckpt, dev, input_size, tokenizer.vocab_size, what=what)
     spec = FeatureSpec.create(ckpt, model_name, model.cfg.img_size, precision, resolve_pad(pad, trained, what))
     gallery = encode_folder(model, images, spec, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
@@ -163,6 +203,21 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
             "gallery": f"{len(gallery.paths)} images" + (f" ({len(gallery.failed)} unreadable)" if gallery.failed
                                                          else "")}
     return Searcher(model, tokenizer, gallery, dev, precision, batch_size=4 * batch_size, info=info)
+
+
+def build_category_searcher(images: str | os.PathLike, model_name: str,
+                            checkpoints: Mapping[str, str | os.PathLike], sentencepiece_model: str | os.PathLike,
+                            **kwargs) -> CategorySearcher:
+    """A :class:`CategorySearcher` with one model per category in ``checkpoints`` (``{"car": path, ...}``); the
+    other arguments are those of :func:`build_searcher`. Each model has its own feature cache and, unless ``pad``
+    is given, the padding its checkpoint was validated with."""
+    unknown = set(checkpoints) - set(CATEGORIES)
+    if unknown or not checkpoints:
+        raise ValueError(f"checkpoints per category: expected some of {', '.join(CATEGORIES)}, got "
+                         f"{', '.join(sorted(checkpoints)) or 'none'}")
+    return CategorySearcher({c: build_searcher(images, model_name, checkpoints[c], sentencepiece_model,
+                                               flag=f"--finetune_{c}", **kwargs)
+                             for c in CATEGORIES if c in checkpoints})
 
 
 # ------------------------------------------------------------------------------------------------ ground truth
