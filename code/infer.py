@@ -47,11 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=64, help="images per batch; texts use 4x (default: %(default)s)")
     p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm", help="(default: %(default)s)")
     for c in CATEGORIES:
-        p.add_argument(f"--finetune_{c}", nargs="+", default=[DEFAULT_CHECKPOINT.format(category=c)],
-                       metavar="CKPT",
+        default = DEFAULT_CHECKPOINT.format(category=c)
+        p.add_argument(f"--finetune_{c}", nargs="+", default=[default], metavar="CKPT",
                        help=f"checkpoint of the {c} model: a .pth file or a DeepSpeed checkpoint directory; "
                             f"'<dir>/checkpoint-best' also finds '<dir>/checkpoint-best.pth'; several: an ensemble "
-                            f"that ranks by their mean cosine similarity (default: %(default)s)")
+                            f"that ranks by their mean cosine similarity (default: {default})")
         p.add_argument(f"--{c}_pad", type=int, default=None,
                        help=f"black pixels padded left and right of each image before the {c} model sees it "
                             "(default: the padding its checkpoint was validated with, else 0)")
