@@ -440,7 +440,8 @@ class _CacheSaver:
 
     def __init__(self, path: Path, spec: FeatureSpec, names: Sequence[str], stamps: Mapping[str, tuple[int, int]],
                  feats: Mapping[str, torch.Tensor], failed: Mapping[str, str], every_s: float) -> None:
-        self.path, self.spec, self.names, self.stamps, self.feats, self.failed = path, spec, names, stamps, feats, failed
+        self.path, self.spec, self.names, self.stamps = path, spec, names, stamps
+        self.feats, self.failed = feats, failed  # the caller's dicts, filled while encoding: saved as they are then
         self.every_s, self.last, self.cost, self.broken = every_s, time.monotonic(), 0.0, False
 
     def save(self) -> int | None:
@@ -614,6 +615,32 @@ def output_paths(output_dir: str | os.PathLike) -> dict[str, Path]:
     return {**{c: out / f"infer_json_{c}.json" for c in CATEGORIES}, "all": out / "infer_json_all.json"}
 
 
+def _encode_member(cfg: InferConfig, category: str, j: int, checkpoint: Path, images: Sequence[Path],
+                   segments: Sequence[Sequence[int]], tokenizer: Tokenizer, device: torch.device, precision: str,
+                   n_members: int) -> tuple[ImageFeatures, torch.Tensor]:
+    """Gallery and query features of member ``j`` of ``category``'s model (the only one, or one of an ensemble),
+    each image framed as the checkpoint was validated; the model is freed afterwards (one on the device at a time)."""
+    what = f"--finetune_{category} {checkpoint}"
+    tag = category if n_members == 1 else f"{category} model {j + 1}/{n_members}"
+    model, trained = load_model(cfg.model, checkpoint, device, cfg.input_size, tokenizer.vocab_size, what)
+    if trained.category not in (None, category):
+        log.warning("%s was fine-tuned on %r, not %r: is it the right checkpoint?", what, trained.category, category)
+    if cfg.compile:
+        compile_layers(model)
+    pad = resolve_pad(cfg.pads.get(category), trained, what)
+    spec = FeatureSpec.create(checkpoint, cfg.model, model.cfg.img_size, precision, pad)
+    # member 0 keeps the single-model cache name, so adding members to a run re-encodes nothing of it
+    cache = Path(cfg.output_dir) / "cache" / (f"gallery_{category}.pt" if j == 0 else f"gallery_{category}_{j}.pt")
+    gallery = encode_gallery(model, images, spec, cache if cfg.use_cache else None, batch_size=cfg.batch_size,
+                             device=device, precision=precision, num_workers=cfg.num_workers, desc=f"{tag} gallery")
+    queries = encode_queries_sharded(model, segments, tokenizer.max_len, batch_size=cfg.batch_size * 4, device=device,
+                                     precision=precision, desc=f"{tag} queries")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return gallery, queries
+
+
 def run_inference(cfg: InferConfig) -> dict[str, Any]:
     """Encode, rank and write the submission files (see the module docstring); the caller sets up the process
     group for a distributed run. Every rank returns; only rank 0 ranks, writes and gets the full summary.
@@ -660,7 +687,6 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     # The images each model has to encode: all of them, or with the restriction only its category's and the unknown.
     candidates = {c: [p for p, ic in zip(index.image_paths, index.image_categories)
                       if not cfg.restrict_to_category or ic in (None, c)] for c in present}
-    cache_dir = Path(cfg.output_dir) / "cache"
 
     query_feats: dict[str, torch.Tensor] = {}
     galleries: dict[str, ImageFeatures] = {}
@@ -668,29 +694,10 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     for c in present:
         t0 = time.perf_counter()
         q_idx = index.queries_of(c)
-        member_galleries, member_queries = [], []
-        for j, ckpt in enumerate(checkpoints[c]):
-            what = f"--finetune_{c} {ckpt}"
-            tag = c if len(checkpoints[c]) == 1 else f"{c} model {j + 1}/{len(checkpoints[c])}"
-            model, trained = load_model(cfg.model, ckpt, device, cfg.input_size, tokenizer.vocab_size, what)
-            if trained.category not in (None, c):
-                log.warning("%s was fine-tuned on %r, not %r: is it the right checkpoint?", what, trained.category, c)
-            if cfg.compile:
-                compile_layers(model)
-            pad = resolve_pad(cfg.pads.get(c), trained, what)
-            spec = FeatureSpec.create(ckpt, cfg.model, model.cfg.img_size, precision, pad)
-            # member 0 keeps the single-model cache name, so adding members to a run re-encodes nothing of it
-            cache = cache_dir / (f"gallery_{c}.pt" if j == 0 else f"gallery_{c}_{j}.pt")
-            member_galleries.append(encode_gallery(
-                model, candidates[c], spec, cache if cfg.use_cache else None, batch_size=cfg.batch_size,
-                device=device, precision=precision, num_workers=cfg.num_workers, desc=f"{tag} gallery"))
-            member_queries.append(encode_queries_sharded(
-                model, [index.segments[i] for i in q_idx], tokenizer.max_len, batch_size=cfg.batch_size * 4,
-                device=device, precision=precision, desc=f"{tag} queries"))
-            del model  # one model on the device at a time
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        galleries[c], query_feats[c] = ensemble_features(member_galleries, member_queries)
+        members = [_encode_member(cfg, c, j, ckpt, candidates[c], [index.segments[i] for i in q_idx], tokenizer,
+                                  device, precision, len(checkpoints[c]))
+                   for j, ckpt in enumerate(checkpoints[c])]
+        galleries[c], query_feats[c] = ensemble_features([g for g, _ in members], [q for _, q in members])
         failed.update((p.name, r) for p, r in galleries[c].failed)
         timings[f"encode_{c}"] = time.perf_counter() - t0
         log.info("%s: encoded %d images and %d queries%s in %.1f s", c, len(galleries[c].paths), len(q_idx),
