@@ -92,3 +92,28 @@ def test_image_features_are_cached(setup, tiny_spm, load_script, monkeypatch):
     with pytest.raises(SystemExit, match="no image file"):
         main(["--model", "beit3_nano_patch16_32", "--finetune", str(tmp / "ckpt.pth"), "--images", str(tmp / "empty"),
               "--out", str(tmp / "x.npz"), "--device", "cpu"])
+
+
+def test_search_and_extract_keep_their_own_caches(setup, tiny_spm, load_script, monkeypatch):
+    """A people checkpoint validated with side padding: search.py encodes with it, extract_features.py without; each
+    keeps its own cache file next to the folder, so alternating between the tools encodes nothing again."""
+    import traffic_retrieval.inference as inference
+
+    model, tmp = setup
+    ckpt = tmp / "people.pth"
+    torch.save({"model": model.state_dict(), "args": {"data": {"category": "people", "people_pad": 4}}}, ckpt)
+    calls: list[int] = []
+    real = inference.encode_images
+    monkeypatch.setattr(inference, "encode_images", lambda m, paths, *a, **k: calls.append(len(paths)) or
+                        real(m, paths, *a, **k))
+    common = ["--model", "beit3_nano_patch16_32", "--finetune", str(ckpt), "--images", str(tmp / "imgs"),
+              "--sentencepiece_model", str(tiny_spm), "--device", "cpu"]
+    search = lambda: load_script("search")["main"]([*common, "--query", "A man.", "--k", "2",  # noqa: E731
+                                                    "--html", str(tmp / "s.html")])
+    extract = lambda: load_script("extract_features")["main"]([*common, "--out", str(tmp / "f.npz")])  # noqa: E731
+    search(), extract()
+    assert calls == [4, 4] and len(list((tmp / ".search_cache").glob("gallery_imgs_*.pt"))) == 2
+    search(), extract()
+    assert calls == [4, 4]  # both read their own cache
+    pads = sorted(torch.load(f)["spec"]["pad"] for f in (tmp / ".search_cache").glob("gallery_imgs_*.pt"))
+    assert pads == [0, 4]

@@ -3,9 +3,9 @@
 Reads: an image folder (the files directly inside it), one or more query texts, a checkpoint (or one per category:
 each query then goes to the model of its category by the text rule, as in stage 5) and a sentencepiece model;
 optionally ground truth in the official format (``text$img1$img2...`` per line) to mark hits and misses.
-Writes: the gallery features, cached in ``<cache_dir>/gallery_<folder>_<key>.pt`` (reused while the checkpoint,
-model, input size, precision and every image's size and mtime are unchanged; only new or changed images are
-encoded), and the HTML page: per query its text, AP when ground truth is given, and the top k as thumbnails (small
+Writes: the gallery features, cached in ``<cache_dir>/gallery_<folder>_<key>.pt`` (one file per model, checkpoint,
+input size, precision and padding; reused while the checkpoint file and every image's size and mtime are unchanged;
+only new or changed images are encoded), and the HTML page: per query its text, AP when ground truth is given, and the top k as thumbnails (small
 base64 JPEGs inside the page, so it still works when moved) with rank, name, score and a green (hit) or red (miss)
 border.
 """
@@ -141,10 +141,12 @@ def default_cache_dir(images: str | os.PathLike, output_dir: str | os.PathLike |
     return Path(images).resolve().parent / ".search_cache"
 
 
-def cache_file(cache_dir: str | os.PathLike, images: str | os.PathLike, model: str,
-               checkpoint: str | os.PathLike) -> Path:
-    """One cache file per (folder, model, checkpoint path); a retrained checkpoint at the same path overwrites it."""
-    key = "\n".join([os.path.abspath(images), model, os.path.abspath(checkpoint)])
+def cache_file(cache_dir: str | os.PathLike, images: str | os.PathLike, spec: FeatureSpec) -> Path:
+    """One cache file per folder and feature setting (model, checkpoint path, input size, precision, padding), so
+    that e.g. ``search.py`` (the checkpoint's validated padding) and ``extract_features.py`` (no padding) keep their
+    own instead of replacing each other's; a retrained checkpoint at the same path overwrites its file."""
+    key = "\n".join([os.path.abspath(images), spec.model, os.path.abspath(spec.checkpoint), str(spec.input_size),
+                     spec.precision, str(spec.pad)])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(images).resolve().name) or "root"
     return Path(cache_dir) / f"gallery_{folder}_{digest}.pt"
@@ -169,8 +171,7 @@ def encode_folder(model: torch.nn.Module, images: str | os.PathLike, spec: Featu
         FileNotFoundError: the folder is missing. ValueError: it holds no image file.
     """
     paths = folder_images(images)
-    cache = (cache_file(cache_dir or default_cache_dir(images), images, spec.model, spec.checkpoint) if use_cache
-             else None)
+    cache = cache_file(cache_dir or default_cache_dir(images), images, spec) if use_cache else None
     return encode_gallery(model, paths, spec, cache, batch_size=batch_size, device=torch.device(device),
                           precision=spec.precision, num_workers=num_workers, desc=f"gallery {Path(images).name}")
 
