@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage 5: the submission. Runs code/infer.py with the paths below; override any of them from the environment,
 # e.g.  NGPU=2 CKPT_CAR=code/pt_out_car/checkpoint-16 bash code/infer.sh --eval
-# CKPT_CAR / CKPT_PEOPLE may list several checkpoints separated by spaces: an ensemble (mean cosine similarity).
+# CKPT_CAR / CKPT_PEOPLE may list several checkpoints separated by spaces: an ensemble (mean cosine similarity);
+# for paths that contain spaces call code/infer.py directly.
 # Extra arguments are passed through to infer.py. Run from the repository root.
 set -euo pipefail
 
