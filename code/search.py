@@ -10,7 +10,7 @@ Writes: the gallery features in ``--cache_dir`` (reused on the next call while n
 Example:
     python code/search.py --images dataset/test/test_images --query "A black Volkswagen Sedan." \\
         --model beit3_large_patch16_384 --finetune code/pt_out_car/checkpoint-best --html runs/search.html
-    python code/search.py --images camera_frames/ --queries queries.txt \
+    python code/search.py --images camera_frames/ --queries queries.txt \\
         --finetune_car code/pt_out_car/checkpoint-best --finetune_people code/pt_out_people/checkpoint-best
 """
 
@@ -21,10 +21,10 @@ import logging
 from pathlib import Path
 
 from traffic_retrieval import runtime
+from traffic_retrieval.categories import CATEGORIES
 from traffic_retrieval.checkpoint import CheckpointError
 from traffic_retrieval.modeling import list_models
 from traffic_retrieval.precision import PRECISIONS
-from traffic_retrieval.categories import CATEGORIES
 from traffic_retrieval.search import (
     QueryResult,
     build_category_searcher,
@@ -81,10 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.query is not None and not args.query.strip():
         p.error("--query is empty")
     per_category = [f"--finetune_{c}" for c in CATEGORIES if getattr(args, f"finetune_{c}")]
-    if (args.finetune is None) == (not per_category):
-        p.error("pass either --finetune (one model for every query) or " + " and/or ".join(
-            f"--finetune_{c}" for c in CATEGORIES) + " (each query to the model of its category)"
-                + (f", not both (got --finetune and {', '.join(per_category)})" if per_category else ""))
+    choice = ("--finetune (one model for every query) or " + " and/or ".join(f"--finetune_{c}" for c in CATEGORIES)
+              + " (each query to the model of its category)")
+    if args.finetune is None and not per_category:
+        p.error(f"pass {choice}")
+    if args.finetune is not None and per_category:
+        p.error(f"pass either {choice}, not both (got --finetune and {', '.join(per_category)})")
     return args
 
 

@@ -254,10 +254,11 @@ def resolve_members(paths: str | os.PathLike | Sequence[str | os.PathLike] | Non
     files = [find_checkpoint(p, category) for p in listed]
     seen: dict[Path, str] = {}
     for given, f in zip(listed, files):
-        if f.resolve() in seen:
-            raise InferenceError(f"{flag}: {given} and {seen[f.resolve()]} are the same checkpoint ({f}); an ensemble "
+        key = f.resolve()
+        if key in seen:
+            raise InferenceError(f"{flag}: {given} and {seen[key]} are the same checkpoint ({f}); an ensemble "
                                  "needs different ones")
-        seen[f.resolve()] = str(given)
+        seen[key] = str(given)
     return files
 
 
@@ -694,8 +695,9 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
     for c in present:
         t0 = time.perf_counter()
         q_idx = index.queries_of(c)
-        members = [_encode_member(cfg, c, j, ckpt, candidates[c], [index.segments[i] for i in q_idx], tokenizer,
-                                  device, precision, len(checkpoints[c]))
+        segments = [index.segments[i] for i in q_idx]
+        members = [_encode_member(cfg, c, j, ckpt, candidates[c], segments, tokenizer, device, precision,
+                                  len(checkpoints[c]))
                    for j, ckpt in enumerate(checkpoints[c])]
         galleries[c], query_feats[c] = ensemble_features([g for g, _ in members], [q for _, q in members])
         failed.update((p.name, r) for p, r in galleries[c].failed)

@@ -5,9 +5,9 @@ each query then goes to the model of its category by the text rule, as in stage 
 optionally ground truth in the official format (``text$img1$img2...`` per line) to mark hits and misses.
 Writes: the gallery features, cached in ``<cache_dir>/gallery_<folder>_<key>.pt`` (one file per model, checkpoint,
 input size, precision and padding; reused while the checkpoint file and every image's size and mtime are unchanged;
-only new or changed images are encoded), and the HTML page: per query its text, AP when ground truth is given, and the top k as thumbnails (small
-base64 JPEGs inside the page, so it still works when moved) with rank, name, score and a green (hit) or red (miss)
-border.
+only new or changed images are encoded), and the HTML page: per query its text, AP when ground truth is given, and
+the top k as thumbnails (small base64 JPEGs inside the page, so it still works when moved) with rank, name, score
+and a green (hit) or red (miss) border.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import html
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
@@ -142,11 +142,12 @@ def default_cache_dir(images: str | os.PathLike, output_dir: str | os.PathLike |
 
 
 def cache_file(cache_dir: str | os.PathLike, images: str | os.PathLike, spec: FeatureSpec) -> Path:
-    """One cache file per folder and feature setting (model, checkpoint path, input size, precision, padding), so
-    that e.g. ``search.py`` (the checkpoint's validated padding) and ``extract_features.py`` (no padding) keep their
-    own instead of replacing each other's; a retrained checkpoint at the same path overwrites its file."""
-    key = "\n".join([os.path.abspath(images), spec.model, os.path.abspath(spec.checkpoint), str(spec.input_size),
-                     spec.precision, str(spec.pad)])
+    """One cache file per folder and feature setting (every :class:`FeatureSpec` field but the checkpoint file's
+    size and mtime), so that e.g. ``search.py`` (the checkpoint's validated padding) and ``extract_features.py`` (no
+    padding) keep their own instead of replacing each other's; a retrained checkpoint at the same path overwrites
+    its file."""
+    setting = {k: v for k, v in asdict(spec).items() if k not in ("checkpoint_size", "checkpoint_mtime_ns")}
+    key = "\n".join([os.path.abspath(images), *(f"{k}={v}" for k, v in setting.items())])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(images).resolve().name) or "root"
     return Path(cache_dir) / f"gallery_{folder}_{digest}.pt"
