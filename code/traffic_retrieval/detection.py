@@ -305,7 +305,10 @@ class BatchDetector:
             return []
         data = [self.pipeline({"img": img, "img_id": i}) for i, img in enumerate(images)]
         batch = {"inputs": [d["inputs"] for d in data], "data_samples": [d["data_samples"] for d in data]}
-        results = self.model.test_step(batch)
+        with warnings.catch_warnings():
+            # mmdet 3.3's SE layer calls the deprecated torch.cuda.amp.autocast: one warning per batch otherwise.
+            warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast", category=FutureWarning)
+            results = self.model.test_step(batch)
         out = []
         for r in results:
             inst = r.pred_instances

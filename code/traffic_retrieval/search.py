@@ -8,6 +8,10 @@ input size, precision and padding; reused while the checkpoint file and every im
 only new or changed images are encoded), and the HTML page: per query its text, AP when ground truth is given, and
 the top k as thumbnails (small base64 JPEGs inside the page, so it still works when moved) with rank, name, score
 and a green (hit) or red (miss) border.
+
+Camera frames (whole scenes rather than one object per image) are searched object by object: with
+:func:`traffic_retrieval.crops.detect_crops` every person and vehicle becomes a crop, the crops are ranked, and each
+frame is listed once, by its best-matching object (whose crop is the thumbnail and whose box is reported).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import html
 import io
 import logging
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
@@ -26,6 +31,7 @@ import torch
 
 from .categories import CATEGORIES, text_category
 from .checkpoint import resolve_checkpoint_path
+from .crops import Crop, FrameCrops
 from .encoding import ImageFeatures, encode_texts, list_images
 from .fileio import write_text
 from .images import ImageReadError, load_rgb
@@ -48,10 +54,11 @@ class Hit:
     """One ranked image."""
 
     rank: int  # 1-based
-    name: str  # file name inside the gallery folder
-    path: Path
+    name: str  # file name inside the gallery folder (the frame's, when searching detected objects)
+    path: Path  # the image shown (the object's crop, when searching detected objects)
     score: float  # cosine similarity
     relevant: bool | None = None  # None without ground truth for this query
+    obj: Crop | None = None  # the frame's best-matching object, when searching detected objects
 
 
 @dataclass
@@ -76,23 +83,38 @@ class Searcher:
     precision: str
     batch_size: int = 256
     info: dict[str, str] = field(default_factory=dict)  # what was searched with what (shown in the HTML)
+    crops: Mapping[str, Crop] | None = None  # gallery images that are detected objects: crop name -> crop
 
     def search(self, queries: Sequence[str], k: int = 10) -> list[QueryResult]:
-        """The top ``k`` gallery images per query, best first (k is capped at the gallery size)."""
+        """The top ``k`` gallery images per query, best first (k is capped at the gallery size). A gallery of
+        detected objects gives the top ``k`` frames, each scored by its best object."""
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
-        if len(self.gallery.paths) == 0:
-            raise ValueError("the gallery has no readable image")
-        if k > len(self.gallery.paths):
-            log.warning("k=%d but the gallery has %d readable images: showing all of them", k,
-                        len(self.gallery.paths))
+        paths = self.gallery.paths
+        if not paths:
+            raise ValueError(f"nothing to search: {self.info.get('gallery', 'the gallery has no readable image')}")
+        # Each gallery row's frame: itself, or the frame an object was cut from.
+        frames = [self.crops[p.name].frame if self.crops is not None else p.name for p in paths]
+        per_frame = Counter(frames)
+        if k > len(per_frame):
+            log.warning("k=%d but the gallery has %d readable %s: showing all of them", k, len(per_frame),
+                        "frames with a detected object" if self.crops is not None else "images")
+        # The k-th best frame's best object ranks at most (k - 1) x (most objects in one frame) + 1 (every object
+        # above it belongs to one of the k - 1 better frames), so that many objects always hold the top k frames.
+        depth = min(len(paths), (k - 1) * max(per_frame.values()) + 1)
         feats = encode_texts(self.model, self.tokenizer, queries, batch_size=self.batch_size, device=self.device,
                              precision=self.precision, desc="queries")
-        scores, idx = rank_gallery(feats, self.gallery.features, k, device=self.device, progress=False)
+        scores, idx = rank_gallery(feats, self.gallery.features, depth, device=self.device, progress=False)
         out = []
         for text, s_row, i_row in zip(queries, scores.tolist(), idx.tolist()):
-            hits = [Hit(r, self.gallery.paths[i].name, self.gallery.paths[i], s)
-                    for r, (s, i) in enumerate(zip(s_row, i_row), start=1)]
+            hits: list[Hit] = []
+            for s, i in zip(s_row, i_row):
+                if len(hits) == k:
+                    break
+                if any(h.name == frames[i] for h in hits):
+                    continue  # the frame is already listed with a better object
+                obj = self.crops[paths[i].name] if self.crops is not None else None
+                hits.append(Hit(len(hits) + 1, frames[i], paths[i], s, obj=obj))
             out.append(QueryResult(text, hits))
         return out
 
@@ -177,12 +199,34 @@ def encode_folder(model: torch.nn.Module, images: str | os.PathLike, spec: Featu
                           precision=spec.precision, num_workers=num_workers, desc=f"gallery {Path(images).name}")
 
 
+def encode_crops(model: torch.nn.Module, crops: FrameCrops, categories: Sequence[str], spec: FeatureSpec, *,
+                 cache_dir: str | os.PathLike | None = None, use_cache: bool = True, batch_size: int = 64,
+                 device: torch.device | str = "cpu", num_workers: int = 0) -> ImageFeatures:
+    """Features of the detected objects of ``categories``, through a feature cache per category folder (as
+    :func:`encode_folder`; ``cache_dir`` defaults to the folder above the crops)."""
+    parts = []
+    for c in categories:
+        paths = sorted(crops.folder(c) / x.name for x in crops.of(c))
+        if paths:
+            cache = cache_file(cache_dir or crops.root.parent, crops.folder(c), spec) if use_cache else None
+            parts.append(encode_gallery(model, paths, spec, cache, batch_size=batch_size, device=torch.device(device),
+                                        precision=spec.precision, num_workers=num_workers, desc=f"{c} objects"))
+    if not parts:
+        dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0
+        return ImageFeatures([], torch.empty(0, dim))
+    return ImageFeatures([p for part in parts for p in part.paths], torch.cat([part.features for part in parts]),
+                         [f for part in parts for f in part.failed])
+
+
 def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str | os.PathLike,
                    sentencepiece_model: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
                    use_cache: bool = True, input_size: int | None = None, device: str = "auto",
                    precision: str | None = None, batch_size: int = 64, num_workers: int = 0,
-                   pad: int | None = None, flag: str = "--finetune") -> Searcher:
-    """Load the model and encode (or reuse the cached features of) every image directly inside ``images``.
+                   pad: int | None = None, flag: str = "--finetune", crops: FrameCrops | None = None,
+                   categories: Sequence[str] = CATEGORIES) -> Searcher:
+    """Load the model and encode (or reuse the cached features of) every image directly inside ``images``, or,
+    with ``crops`` (:func:`traffic_retrieval.crops.detect_crops` of that folder), its detected objects of
+    ``categories``.
 
     ``pad`` (black pixels left and right before resizing) defaults to the padding the checkpoint was validated with;
     ``flag`` names the checkpoint in messages.
@@ -191,7 +235,8 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
         FileNotFoundError: the folder, checkpoint or tokenizer is missing.
         ValueError: the folder has no image, or the checkpoint does not fit the model (the message names it).
     """
-    folder_images(images)  # a missing or empty folder fails before the model is loaded
+    if crops is None:
+        folder_images(images)  # a missing or empty folder fails before the model is loaded
     dev = resolve_device(device)
     precision = precision or default_precision(dev)
     tokenizer = Tokenizer(sentencepiece_model)
@@ -199,12 +244,20 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
     what = f"{flag} {ckpt}"
     model, trained = load_model(model_name, ckpt, dev, input_size, tokenizer.vocab_size, what=what)
     spec = FeatureSpec.create(ckpt, model_name, model.cfg.img_size, precision, resolve_pad(pad, trained, what))
-    gallery = encode_folder(model, images, spec, cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size,
-                            device=dev, num_workers=num_workers)
-    info = {"images": str(images), "model": model_name, "checkpoint": str(ckpt),
-            "gallery": f"{len(gallery.paths)} images" + (f" ({len(gallery.failed)} unreadable)" if gallery.failed
-                                                         else "")}
-    return Searcher(model, tokenizer, gallery, dev, precision, batch_size=4 * batch_size, info=info)
+    opts = dict(cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size, device=dev, num_workers=num_workers)
+    if crops is None:
+        gallery = encode_folder(model, images, spec, **opts)
+        described = f"{len(gallery.paths)} images"
+    else:
+        gallery = encode_crops(model, crops, categories, spec, **opts)
+        n_frames = len({crops.crops[p.name].frame for p in gallery.paths})
+        described = (f"{len(gallery.paths)} detected {' and '.join(categories)} objects in {n_frames} of "
+                     f"{len(crops.frames)} frames")
+    if gallery.failed:
+        described += f" ({len(gallery.failed)} unreadable)"
+    info = {"images": str(images), "model": model_name, "checkpoint": str(ckpt), "gallery": described}
+    return Searcher(model, tokenizer, gallery, dev, precision, batch_size=4 * batch_size, info=info,
+                    crops=crops.crops if crops is not None else None)
 
 
 def build_category_searcher(images: str | os.PathLike, model_name: str,
@@ -212,13 +265,14 @@ def build_category_searcher(images: str | os.PathLike, model_name: str,
                             **kwargs) -> CategorySearcher:
     """A :class:`CategorySearcher` with one model per category in ``checkpoints`` (``{"car": path, ...}``); the
     other arguments are those of :func:`build_searcher`. Each model has its own feature cache and, unless ``pad``
-    is given, the padding its checkpoint was validated with."""
+    is given, the padding its checkpoint was validated with; with ``crops``, each searches the objects of its own
+    category."""
     unknown = set(checkpoints) - set(CATEGORIES)
     if unknown or not checkpoints:
         raise ValueError(f"checkpoints per category: expected some of {', '.join(CATEGORIES)}, got "
                          f"{', '.join(sorted(checkpoints)) or 'none'}")
     return CategorySearcher({c: build_searcher(images, model_name, checkpoints[c], sentencepiece_model,
-                                               flag=f"--finetune_{c}", **kwargs)
+                                               flag=f"--finetune_{c}", categories=[c], **kwargs)
                              for c in CATEGORIES if c in checkpoints})
 
 
@@ -264,9 +318,16 @@ def format_results(results: Sequence[QueryResult]) -> str:
         lines = [head, f"  {'rank':>4}  {'score':>7}  {'mark':<4}  image"]
         for h in r.hits:
             mark = "-" if h.relevant is None else ("hit" if h.relevant else "miss")
-            lines.append(f"  {h.rank:>4}  {h.score:>7.4f}  {mark:<4}  {h.name}")
+            lines.append(f"  {h.rank:>4}  {h.score:>7.4f}  {mark:<4}  {h.name}{_where(h)}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _where(hit: Hit) -> str:
+    """Which object of the frame matched, when searching detected objects: ``  (car at x1,y1,x2,y2)``."""
+    if hit.obj is None:
+        return ""
+    return f"  ({hit.obj.category} at {','.join(map(str, hit.obj.box))})"
 
 
 def thumbnail_data_uri(path: Path, size: int = THUMB_SIZE) -> str | None:
@@ -319,7 +380,8 @@ def render_html(results: Sequence[QueryResult], title: str = "Text-to-image sear
             word = "&#10003; hit" if h.relevant else "&#10007; miss"
             mark = "" if h.relevant is None else f' <span class="mark">{word}</span>'
             img = f'<img src="{thumbs[h.path]}" alt="{e(h.name)}">' if thumbs[h.path] else "<p>(unreadable)</p>"
-            parts.append(f'<figure class="result{cls}">{img}<figcaption>#{h.rank}{mark}<br>{e(h.name)}<br>'
+            where = f"<br>{e(_where(h).strip())}" if h.obj is not None else ""
+            parts.append(f'<figure class="result{cls}">{img}<figcaption>#{h.rank}{mark}<br>{e(h.name)}{where}<br>'
                          f"score {h.score:.4f}</figcaption></figure>")
         parts.append("</div></section>")
     parts.append("</body></html>\n")
