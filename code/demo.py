@@ -52,7 +52,7 @@ TRAIN_CROP = {"car": "official", "people": "resize"}
 WARMUP_EPOCHS = 2
 TRAIN_FLAGS = ["--batch_size", "32", "--lr", "5e-4", "--min_lr", "1e-5",
                "--layer_decay", "1.0", "--weight_decay", "0.05", "--drop_path", "0.0", "--save_ckpt_freq", "100",
-               "--people_pad", "0"]
+               "--people_pad", "0", "--dedup", "relevance"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

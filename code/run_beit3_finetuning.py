@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="black pixels left and right of people images, in training and validation")
     g.add_argument("--randaug", action="store_true", help="official RandAugment")
     g.add_argument("--dedup", choices=DEDUP_MODES, default=d.dedup,
-                   help="batch captions sharing the attribute (or identical text) are not negatives")
+                   help="which pairs of a batch are positives besides the diagonal: relevance = those the "
+                        "official relevance rule calls relevant (equal attribute; for pedestrians also an image "
+                        "with every attribute of a caption of its gender); attribute = equal attribute; caption = "
+                        "identical text; none = the official loss (default: %(default)s)")
     g.add_argument("--num_workers", type=int, default=None, help="loader workers per process (default: by CPUs)")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=list_models(), default=m.model)

@@ -81,7 +81,8 @@ def _torchrun(script: Path, world: int, *args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _reference(inputs: dict, gather: bool, dedup: bool, ids: torch.Tensor | None, world: int) -> dict:
+def _reference(inputs: dict, gather: bool, dedup: bool, ids: torch.Tensor | None, codes: torch.Tensor | None,
+               world: int) -> dict:
     """Gradients of one process on the whole batch (or, for gather=False, of each half on its own)."""
     w_img = inputs["w_img"].clone().requires_grad_(True)
     w_txt = inputs["w_txt"].clone().requires_grad_(True)
@@ -92,7 +93,7 @@ def _reference(inputs: dict, gather: bool, dedup: bool, ids: torch.Tensor | None
     txt.retain_grad()
     loss_fn = ContrastiveLoss(gather=gather, dedup=dedup)
     if gather:
-        loss = loss_fn(img, txt, scale, ids)
+        loss = loss_fn(img, txt, scale, ids, codes)
         losses = [loss]
     else:  # every rank alone on its half; DDP still averages the parameter gradients
         halves = torch.arange(img.shape[0]).chunk(world)
@@ -127,8 +128,8 @@ def test_two_process_loss_and_gradients_match_one_process(tmp_path):
         assert torch.equal(x_grad, torch.full((2, 3), 3.0))  # rank weights 1 + 2, summed by the backward all_reduce
 
     rows = torch.arange(script.GLOBAL_BATCH).chunk(world)
-    for name, (gather, dedup, ids) in script.CASES.items():
-        ref = _reference(inputs, gather, dedup, ids, world)
+    for name, (gather, dedup, ids, codes) in script.CASES.items():
+        ref = _reference(inputs, gather, dedup, ids, codes, world)
         got = [res["cases"][name] for res in ranks]
         if gather:
             # The global loss is the mean of the ranks' losses (equal local batches).
@@ -151,6 +152,7 @@ def test_two_process_loss_and_gradients_match_one_process(tmp_path):
     torch.testing.assert_close(losses["distinct"], losses["official"], atol=1e-7, rtol=0)
     torch.testing.assert_close(losses["dups_no_dedup"], losses["official"], atol=1e-7, rtol=0)
     assert abs(losses["dups"] - losses["official"]) > 1e-3
+    assert abs(losses["relevance"] - losses["official"]) > 1e-3
 
 
 def test_two_process_deepspeed_zero1_starts_from_rank0_and_stays_in_sync(tmp_path):

@@ -127,3 +127,66 @@ def test_bad_shapes_are_clear_errors():
         ContrastiveLoss()(img, txt[:3], torch.tensor(1.0))
     with pytest.raises(ValueError, match="group_ids must be"):
         ContrastiveLoss()(img, txt, torch.tensor(1.0), torch.tensor([1, 2]))
+
+
+# ------------------------------------------------------------------------------------------------ relevance targets
+def _codes(*on: str, female: bool) -> str:
+    """A 21-value pedestrian attribute code with the named attributes (and Female) set."""
+    from traffic_retrieval.categories import PEDESTRIAN_ATTRIBUTES, format_pedestrian_code
+
+    return format_pedestrian_code([int(a in on or (a == "Female" and female)) for a in PEDESTRIAN_ATTRIBUTES])
+
+
+RELEVANCE_ATTRS = [
+    _codes("Side", "Backpack", female=True),  # 0
+    _codes("Side", "Backpack", "Hat", female=True),  # 1: has all of 0's attributes (and a hat)
+    _codes("Side", "Backpack", "Hat", female=False),  # 2: the other gender
+    _codes("Side", female=True),  # 3: 0, 1 have all of its attributes
+    "white Audi.",  # 4
+    "white Audi.",  # 5: equal attribute
+    "black Audi.",  # 6
+    _codes("Side", "Backpack", female=True),  # 7: equal to 0
+]
+
+
+def test_relevance_mask_is_the_official_rule():
+    from traffic_retrieval.categories import is_relevant
+    from traffic_retrieval.loss import attribute_codes_for, relevance_mask
+
+    ids = group_ids_for(["attr:" + a for a in RELEVANCE_ATTRS])
+    codes = attribute_codes_for(RELEVANCE_ATTRS)
+    assert codes.dtype == torch.int8 and codes.shape == (8, 21) and (codes[4:7] == -1).all()
+    got = relevance_mask(ids, codes, ids, codes)
+    want = torch.tensor([[is_relevant(q, im) for im in RELEVANCE_ATTRS] for q in RELEVANCE_ATTRS])
+    assert torch.equal(got, want)
+    assert want[3, 1] and not want[1, 3] and not want[0, 2] and want[4, 5]  # one-directional, gender, equality
+    # rectangular (local captions x global images), as in the gathered loss
+    assert torch.equal(relevance_mask(ids[2:5], codes[2:5], ids, codes), want[2:5])
+
+
+def test_relevance_targets_match_a_plain_computation():
+    from traffic_retrieval.categories import is_relevant
+    from traffic_retrieval.loss import attribute_codes_for
+
+    n = len(RELEVANCE_ATTRS)
+    img, txt = _features(batch=n, seed=3)
+    scale = torch.tensor(2.0)
+    ids = group_ids_for(["attr:" + a for a in RELEVANCE_ATTRS])
+    got = ContrastiveLoss()(img, txt, scale, ids, attribute_codes_for(RELEVANCE_ATTRS))
+    # float64 reference: caption i's positives are the images relevant to it; image j's are the captions it is
+    # relevant to
+    i, t = img.double().numpy(), txt.double().numpy()
+    logits = math.exp(2.0) * i @ t.T  # [image, text]
+    rel = [[is_relevant(RELEVANCE_ATTRS[q], RELEVANCE_ATTRS[m]) for m in range(n)] for q in range(n)]  # [text, image]
+    total = 0.0
+    for row in range(n):
+        for scores, positives in ((logits[row], [q for q in range(n) if rel[q][row]]),  # image row -> texts
+                                  (logits[:, row], [m for m in range(n) if rel[row][m]])):  # text row -> images
+            lse = np.log(np.exp(scores - scores.max()).sum()) + scores.max()
+            total += sum(lse - scores[j] for j in positives) / len(positives) / n
+    assert got.item() == pytest.approx(total / 2, rel=1e-6)
+    # without the codes only equal attributes are positives: another loss
+    plain = ContrastiveLoss()(img, txt, scale, ids)
+    assert plain.item() != pytest.approx(got.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="attr_codes"):
+        ContrastiveLoss()(img, txt, scale, None, attribute_codes_for(RELEVANCE_ATTRS))

@@ -89,7 +89,7 @@ def test_official_flags_and_defaults(script) -> None:
     assert (cfg.data.data_path, cfg.data.sentencepiece_model) == ("dataset/train", "model_pth/beit3.spm")
     assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.batch_size) == (
         20, 5, 1e-4, 1e-6, 80)
-    assert (cfg.train_crop, cfg.eval_pad, cfg.eval_batch_size, cfg.data.dedup) == ("people", 70, 120, "attribute")
+    assert (cfg.train_crop, cfg.eval_pad, cfg.eval_batch_size, cfg.data.dedup) == ("people", 70, 120, "relevance")
     assert cfg.model.finetune is None and cfg.optim.clip_grad is None and cfg.runtime.zero_stage == 0
     assert script["parse_args"](["--category", "car", "--clip_grad", "3"]).optim.clip_grad == 3.0
     assert script["parse_args"](["--category", "car"]).eval_pad == 0

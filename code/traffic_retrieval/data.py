@@ -32,7 +32,7 @@ from .tokenizer import batch_inputs
 
 log = logging.getLogger(__name__)
 
-DEDUP_MODES = ("attribute", "caption", "none")
+DEDUP_MODES = ("relevance", "attribute", "caption", "none")
 _MAX_LISTED = 10  # problems spelled out in one error message
 
 
@@ -128,8 +128,9 @@ def check_token_ids(rows: Sequence[IndexRow], vocab_size: int, path: str | os.Pa
 
 
 def group_key(row: IndexRow, dedup: str) -> str:
-    """The string whose equality marks two captions as the same for the loss (``dedup`` mode), or a unique key."""
-    if dedup == "attribute":
+    """The string whose equality marks two captions as the same for the loss (``dedup`` mode), or a unique key.
+    ``relevance`` also groups by attribute; the loss adds the pedestrian inclusion rule from the attribute codes."""
+    if dedup in ("attribute", "relevance"):
         return "attr:" + row.attribute
     if dedup == "caption":
         return "text:" + row.text
@@ -141,7 +142,7 @@ def group_key(row: IndexRow, dedup: str) -> str:
 class PairDataset(Dataset):
     """One (image, caption) pair per index row, for training."""
 
-    def __init__(self, rows: Sequence[IndexRow], root: str | os.PathLike, transform: Callable, dedup: str = "attribute"):
+    def __init__(self, rows: Sequence[IndexRow], root: str | os.PathLike, transform: Callable, dedup: str = "relevance"):
         if dedup not in DEDUP_MODES:
             raise ValueError(f"unknown dedup mode {dedup!r}; choose one of {DEDUP_MODES}")
         self.rows, self.root, self.transform, self.dedup = list(rows), Path(root), transform, dedup
@@ -154,7 +155,8 @@ class PairDataset(Dataset):
         # A missing or broken image raises ImageReadError naming the file: the index was checked when it was built,
         # so this is a changed dataset and training on should not silently drop it.
         image = self.transform(load_rgb(self.root / row.image_path))
-        return {"image": image, "text_segment": row.text_segment, "group_key": group_key(row, self.dedup), "index": i}
+        return {"image": image, "text_segment": row.text_segment, "group_key": group_key(row, self.dedup),
+                "attribute": row.attribute, "index": i}
 
 
 def trim_padding(tokens: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +174,7 @@ def collate_pairs(batch: Sequence[dict[str, Any]], max_len: int) -> dict[str, An
         "tokens": tokens,
         "padding_mask": mask,
         "group_keys": [b["group_key"] for b in batch],
+        "attributes": [b["attribute"] for b in batch],
         "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
     }
 

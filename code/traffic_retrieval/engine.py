@@ -1,7 +1,7 @@
 """One training epoch and one validation pass: explicit arguments in, metric dicts out.
 
 The two training modes are explicit objects with the same three methods (``sync_context(boundary)``,
-``loss(batch, group_ids)`` and ``update(loss, boundary)``), so the epoch loop does not branch on the mode:
+``loss(batch, group_ids, attr_codes)`` and ``update(loss, boundary)``), so the epoch loop does not branch on the mode:
 
 - :class:`PlainUpdater`: a model wrapped for the contrastive forward (:class:`ContrastiveForward`, under DDP when
   distributed), autocast, a GradScaler for fp16, gradient accumulation (DDP ``no_sync`` between boundaries) and
@@ -39,7 +39,7 @@ from .distributed import (
 )
 from .encoding import encode_token_batches
 from .tokenizer import batch_inputs
-from .loss import ContrastiveLoss, group_ids_for
+from .loss import ContrastiveLoss, attribute_codes_for, group_ids_for
 from .metrics import retrieval_metrics
 from .optim import apply_lr
 from .precision import get_autocast
@@ -89,10 +89,10 @@ class PlainUpdater:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def loss(self, batch: dict[str, Any], group_ids: Tensor | None) -> Tensor:
+    def loss(self, batch: dict[str, Any], group_ids: Tensor | None, attr_codes: Tensor | None = None) -> Tensor:
         with get_autocast(self.precision, self.device):
             img, txt, scale = self.model(batch["images"], batch["tokens"], batch["padding_mask"])
-        return self.loss_fn(img, txt, scale, group_ids)
+        return self.loss_fn(img, txt, scale, group_ids, attr_codes)
 
     def update(self, loss: Tensor, boundary: bool) -> None:
         loss = loss / self.update_freq
@@ -123,9 +123,9 @@ class DeepSpeedUpdater:
     def sync_context(self, boundary: bool) -> ContextManager:
         return contextlib.nullcontext()  # DeepSpeed reduces gradients only at the boundary itself
 
-    def loss(self, batch: dict[str, Any], group_ids: Tensor | None) -> Tensor:
+    def loss(self, batch: dict[str, Any], group_ids: Tensor | None, attr_codes: Tensor | None = None) -> Tensor:
         img, txt = self.engine(batch["images"].to(self.input_dtype), batch["tokens"], batch["padding_mask"])
-        return self.loss_fn(img, txt, self.engine.module.logit_scale, group_ids)
+        return self.loss_fn(img, txt, self.engine.module.logit_scale, group_ids, attr_codes)
 
     def update(self, loss: Tensor, boundary: bool) -> None:
         self.engine.backward(loss)
@@ -152,7 +152,7 @@ def train_one_epoch(
     steps: int,
     update_freq: int,
     device: torch.device,
-    dedup: bool,
+    dedup: str,
     logit_scale: Callable[[], float],
     writer: Any | None = None,
     on_step: StepCallback | None = None,
@@ -165,7 +165,8 @@ def train_one_epoch(
         lr_schedule: the base lr of every optimizer step of the whole run; step ``start_step + i`` uses entry
             ``start_step + i``.
         epoch, start_step: the 0-based epoch and the global step it starts at.
-        dedup: pass group ids (from each batch's ``group_keys``) so identical captions/attributes are not negatives.
+        dedup: the ``--dedup`` mode: unless ``none``, pass group ids (from each batch's ``group_keys``) so identical
+            captions/attributes are not negatives; ``relevance`` also passes the attribute codes (relevance targets).
         logit_scale: returns the model's current ``logit_scale`` (logged as exp(scale)).
         writer: a TensorBoard ``SummaryWriter`` (rank 0) for per-step scalars, or None.
         on_step: called after every optimizer step with (epoch, step within the epoch).
@@ -188,9 +189,10 @@ def train_one_epoch(
                 lr = float(lr_schedule[start_step + step])
                 apply_lr(updater.optimizer, lr)
             batch = _to_device(next(it), device)
-            ids = group_ids_for(batch["group_keys"], device) if dedup else None
+            ids = group_ids_for(batch["group_keys"], device) if dedup != "none" else None
+            codes = attribute_codes_for(batch["attributes"], device) if dedup == "relevance" else None
             with updater.sync_context(boundary):
-                loss = updater.loss(batch, ids)
+                loss = updater.loss(batch, ids, codes)
                 value = loss.item()
                 if not math.isfinite(value):
                     raise NonFiniteLossError(f"loss is {value} at epoch {epoch} step {step} (global step "

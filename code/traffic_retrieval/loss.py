@@ -9,6 +9,12 @@ Many-to-many extension: the challenge data repeats captions thousands of times, 
 pairs whose captions are identical (or share the attribute string). Pushing those apart as negatives is wrong. With
 ``group_ids`` (equal id = same caption/attribute), the target of each row is spread uniformly over every positive in
 the global batch: cross entropy against that distribution. With all ids distinct it is exactly the official loss.
+
+Relevance targets (``--dedup relevance``): with ``attr_codes`` as well, the positives follow the official relevance
+rule (:func:`traffic_retrieval.categories.is_relevant`): besides equal attributes, a pedestrian image is a positive
+of a pedestrian caption of the same gender whose every attribute the image also has ("a woman with a backpack" for
+an image of a woman with a hat and a backpack), which the scorer counts as a hit. The rule is one-directional, so
+the text-to-image and image-to-text targets differ (one is the other's transpose).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from traffic_retrieval.categories import FEMALE_INDEX, PEDESTRIAN_ATTRIBUTES, parse_pedestrian_code
 from traffic_retrieval.distributed import all_gather_concat, all_gather_with_grad, get_rank, get_world_size
 
 
@@ -35,6 +42,24 @@ def stable_group_id(key: str) -> int:
 def group_ids_for(keys: Sequence[str], device: torch.device | str | None = None) -> Tensor:
     """``stable_group_id`` of each key as a LongTensor [B] for :class:`ContrastiveLoss`."""
     return torch.tensor([stable_group_id(k) for k in keys], dtype=torch.long, device=device)
+
+
+def attribute_codes_for(attributes: Sequence[str], device: torch.device | str | None = None) -> Tensor:
+    """The 21 pedestrian attribute bits of each attribute string as an int8 tensor [B, 21]; -1 for a row that is
+    not a pedestrian code (a vehicle)."""
+    none = (-1,) * len(PEDESTRIAN_ATTRIBUTES)
+    return torch.tensor([parse_pedestrian_code(a) or none for a in attributes], dtype=torch.int8, device=device)
+
+
+def relevance_mask(query_ids: Tensor, query_codes: Tensor, image_ids: Tensor, image_codes: Tensor) -> Tensor:
+    """``mask[i, j]``: image j is relevant to caption i by the official rule (equal attribute ids, or both pedestrian
+    codes of the same gender with every attribute of caption i set in image j). Bool [Bq, Bi]."""
+    same = query_ids[:, None] == image_ids[None, :]
+    q_ped, im_ped = query_codes[:, 0] >= 0, image_codes[:, 0] >= 0
+    gender = query_codes[:, None, FEMALE_INDEX] == image_codes[None, :, FEMALE_INDEX]
+    # [Bq, Bi]: how many of the caption's attributes the image lacks (a matmul keeps it [Bq, Bi], not [Bq, Bi, 21])
+    lacks = (query_codes == 1).float() @ (image_codes != 1).float().T
+    return same | (q_ped[:, None] & im_ped[None, :] & gender & (lacks == 0))
 
 
 def _soft_cross_entropy(logits: Tensor, positives: Tensor) -> Tensor:
@@ -54,7 +79,8 @@ class ContrastiveLoss(nn.Module):
     Args:
         gather: with more than one rank, score local rows against the features of all ranks (the official
             behaviour); False keeps every rank to its own batch.
-        dedup: when ``group_ids`` are given, treat every pair with the same id as a positive instead of a negative.
+        dedup: when ``group_ids`` are given, treat every pair with the same id as a positive instead of a negative
+            (and, with ``attr_codes``, every pair the official relevance rule counts as a hit).
 
     The logits are computed in float32 outside autocast: the matrix is small next to the model, and bf16 would round
     cosine similarities to about 3 digits before they are multiplied by the scale (up to 100).
@@ -71,6 +97,7 @@ class ContrastiveLoss(nn.Module):
         text_features: Tensor,
         logit_scale: Tensor,
         group_ids: Tensor | None = None,
+        attr_codes: Tensor | None = None,
     ) -> Tensor:
         """Loss of one (local) batch.
 
@@ -80,6 +107,7 @@ class ContrastiveLoss(nn.Module):
             logit_scale: the model's log-scale parameter; the logits are multiplied by ``exp(logit_scale)``.
             group_ids: LongTensor [B]; equal ids mark captions that count as the same (see :func:`group_ids_for`).
                 B must be the same on every rank.
+            attr_codes: int8 [B, 21] from :func:`attribute_codes_for`, with ``group_ids``: relevance targets.
         """
         if image_features.dim() != 2 or image_features.shape != text_features.shape:
             raise ValueError(
@@ -89,6 +117,9 @@ class ContrastiveLoss(nn.Module):
         batch = image_features.shape[0]
         if group_ids is not None and (group_ids.dim() != 1 or group_ids.shape[0] != batch):
             raise ValueError(f"group_ids must be [B] = [{batch}]; got {tuple(group_ids.shape)}")
+        if attr_codes is not None and (group_ids is None or attr_codes.shape != (batch, len(PEDESTRIAN_ATTRIBUTES))):
+            raise ValueError(f"attr_codes must be [B, {len(PEDESTRIAN_ATTRIBUTES)}] = [{batch}, "
+                             f"{len(PEDESTRIAN_ATTRIBUTES)}] and come with group_ids; got {tuple(attr_codes.shape)}")
 
         distributed = self.gather and get_world_size() > 1
         if distributed:
@@ -105,9 +136,15 @@ class ContrastiveLoss(nn.Module):
 
             if self.dedup and group_ids is not None:
                 all_ids = all_gather_concat(group_ids) if distributed else group_ids  # [B_global]
-                positives = group_ids[:, None] == all_ids[None, :]  # [B, B_global]; the diagonal is always in it
-                # Pairs share an id in both directions, so the same mask serves i2t and t2i.
-                return (_soft_cross_entropy(logits_i2t, positives) + _soft_cross_entropy(logits_t2i, positives)) / 2
+                if attr_codes is None:
+                    positives = group_ids[:, None] == all_ids[None, :]  # [B, B_global]; the diagonal is always in
+                    # Pairs share an id in both directions, so the same mask serves i2t and t2i.
+                    return (_soft_cross_entropy(logits_i2t, positives)
+                            + _soft_cross_entropy(logits_t2i, positives)) / 2
+                all_codes = all_gather_concat(attr_codes) if distributed else attr_codes
+                t2i = relevance_mask(group_ids, attr_codes, all_ids, all_codes)  # local captions x global images
+                i2t = relevance_mask(all_ids, all_codes, group_ids, attr_codes).T  # local images x global captions
+                return (_soft_cross_entropy(logits_i2t, i2t) + _soft_cross_entropy(logits_t2i, t2i)) / 2
 
             labels = torch.arange(batch, device=image_features.device) + offset
             return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2

@@ -81,7 +81,9 @@ class DataConfig:
     train_crop: str = "auto"  # auto | official | car | people (auto: the 4th place's per-category crop)
     people_pad: int = 70  # black pixels padded left and right of people images, in training and validation
     randaug: bool = False  # the official RandAugment (2 ops, magnitude 7)
-    dedup: str = "attribute"  # attribute | caption | none: which captions in a batch are not negatives
+    # relevance | attribute | caption | none: which captions in a batch are not negatives (loss.py); relevance, the
+    # official relevance rule, beat attribute on the demo's pedestrians (README, stage 3)
+    dedup: str = "relevance"
     num_workers: int | None = None  # DataLoader workers per process (None: from the CPU count)
 
 
@@ -666,7 +668,7 @@ def _epoch(cfg: TrainConfig, trainer: Trainer, data: TrainData, schedule: np.nda
     trainer.model.train()
     train_stats = train_one_epoch(
         trainer.updater, data.loader, schedule, epoch=epoch, start_step=global_step, steps=data.steps_per_epoch,
-        update_freq=cfg.optim.update_freq, device=device, dedup=cfg.data.dedup != "none",
+        update_freq=cfg.optim.update_freq, device=device, dedup=cfg.data.dedup,
         logit_scale=lambda: trainer.model.logit_scale.item(), writer=writer, on_step=on_step)
     val = evaluate(trainer.model, data.val_split, data.val_images, batch_size=cfg.eval_batch_size,
                    max_len=cfg.data.num_max_bpe_tokens, device=device, precision=trainer.eval_precision,

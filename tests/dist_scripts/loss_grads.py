@@ -26,17 +26,30 @@ from traffic_retrieval.distributed import (
     is_main_process,
 )
 from traffic_retrieval.fileio import torch_save
-from traffic_retrieval.loss import ContrastiveLoss
+from traffic_retrieval.categories import PEDESTRIAN_ATTRIBUTES, format_pedestrian_code
+from traffic_retrieval.loss import ContrastiveLoss, attribute_codes_for, group_ids_for
 
 GLOBAL_BATCH, IN_DIM, DIM = 8, 10, 6
 # Duplicate ids that span both ranks' halves (0 and 1 and 3 occur on both sides or twice on one).
 DUP_IDS = torch.tensor([0, 1, 0, 2, 1, 3, 0, 3])
-CASES = {  # name: (gather, dedup, group ids of the global batch or None)
-    "official": (True, True, None),
-    "distinct": (True, True, torch.arange(GLOBAL_BATCH) * 7 + 100),
-    "dups": (True, True, DUP_IDS),
-    "dups_no_dedup": (True, False, DUP_IDS),
-    "local_only": (False, True, None),
+
+
+def _code(*on: str) -> str:
+    return format_pedestrian_code([int(a in on) for a in PEDESTRIAN_ATTRIBUTES])
+
+
+# Pedestrian attributes whose inclusion relations cross the ranks' halves (rows 0-3 on rank 0, 4-7 on rank 1).
+REL_ATTRS = [_code("Female", "Side"), _code("Front", "Hat"), "red BMW.", _code("Female", "Side", "Hat"),
+             _code("Female", "Side", "Backpack"), _code("Front"), "red BMW.", _code("Female", "Side")]
+REL_IDS = group_ids_for(["attr:" + a for a in REL_ATTRS])
+REL_CODES = attribute_codes_for(REL_ATTRS)
+CASES = {  # name: (gather, dedup, group ids of the global batch or None, attribute codes or None)
+    "official": (True, True, None, None),
+    "distinct": (True, True, torch.arange(GLOBAL_BATCH) * 7 + 100, None),
+    "dups": (True, True, DUP_IDS, None),
+    "dups_no_dedup": (True, False, DUP_IDS, None),
+    "relevance": (True, True, REL_IDS, REL_CODES),
+    "local_only": (False, True, None, None),
 }
 
 
@@ -51,7 +64,8 @@ def make_inputs(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def run_case(inputs: dict, gather: bool, dedup: bool, ids: torch.Tensor | None, rank: int, world: int) -> dict:
+def run_case(inputs: dict, gather: bool, dedup: bool, ids: torch.Tensor | None, codes: torch.Tensor | None,
+             rank: int, world: int) -> dict:
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     lin_img, lin_txt = nn.Linear(IN_DIM, DIM, bias=False), nn.Linear(IN_DIM, DIM, bias=False)
     with torch.no_grad():
@@ -62,7 +76,8 @@ def run_case(inputs: dict, gather: bool, dedup: bool, ids: torch.Tensor | None, 
     txt = F.normalize(lin_txt(inputs["x_txt"][rows]), dim=-1)
     img.retain_grad()
     txt.retain_grad()
-    loss = ContrastiveLoss(gather=gather, dedup=dedup)(img, txt, logit_scale, None if ids is None else ids[rows])
+    loss = ContrastiveLoss(gather=gather, dedup=dedup)(img, txt, logit_scale, None if ids is None else ids[rows],
+                                                       None if codes is None else codes[rows])
     loss.backward()
     out = {"loss": loss.detach(), "img_grad": img.grad, "txt_grad": txt.grad}
     for name, p in (("w_img_grad", lin_img.weight), ("w_txt_grad", lin_txt.weight), ("scale_grad", logit_scale)):
