@@ -5,7 +5,8 @@ Writes: one ``.npz`` (``--out``) with ``image_names``, ``image_features``, ``tex
 L2-normalised; cosine similarity = dot product). Unreadable images and empty text lines are reported by name / line
 and left out; the rest is still written. Image features go through a cache (``--cache_dir``, shared with
 ``search.py``; progress saved every minute): a repeated or interrupted run encodes only new, changed or not yet
-encoded images.
+encoded images. With ``--detect`` (camera frames) there is one row per detected person or vehicle: ``image_names``
+holds its frame, and ``boxes`` (x1, y1, x2, y2 in frame pixels), ``categories`` and ``det_scores`` say which object.
 
 Example:
     python code/extract_features.py --model beit3_large_patch16_384 \
@@ -22,13 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from traffic_retrieval import runtime
+from traffic_retrieval.categories import CATEGORIES
 from traffic_retrieval.checkpoint import CheckpointError, load_weights, resolve_checkpoint_path
+from traffic_retrieval.crops import add_detection_arguments, check_detection_arguments, detect_crops_from_args
+from traffic_retrieval.detection import DetectorError
 from traffic_retrieval.encoding import encode_texts
 from traffic_retrieval.fileio import atomic_open
 from traffic_retrieval.inference import FeatureSpec
 from traffic_retrieval.modeling import create_model, list_models
 from traffic_retrieval.precision import PRECISIONS, default_precision
-from traffic_retrieval.search import encode_folder, folder_images
+from traffic_retrieval.search import default_cache_dir, encode_crops, encode_folder, folder_images
 from traffic_retrieval.tokenizer import Tokenizer
 
 log = logging.getLogger("extract_features")
@@ -49,12 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache_dir", default=None,
                    help="image feature cache, shared with search.py (default: <images>/../.search_cache)")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
+    add_detection_arguments(p)  # --detect: one feature per detected object, with its frame and box
     runtime.add_sdpa_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     p.add_argument("--out", required=True, help="output .npz file")
     args = p.parse_args(argv)
     if not args.images and not args.texts:
         p.error("give --images, --texts or both")
+    if args.detect and not args.images:
+        p.error("--detect needs --images")
+    check_detection_arguments(p, args)
     return args
 
 
@@ -89,13 +97,29 @@ def main(argv: list[str] | None = None) -> None:
     dim = model.cfg.embed_dim
     if args.images:
         spec = FeatureSpec.create(ckpt, args.model, model.cfg.img_size, precision)
-        res = encode_folder(model, args.images, spec, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                            batch_size=args.batch_size, device=device, num_workers=args.num_workers)
+        opts = dict(use_cache=not args.no_cache, batch_size=args.batch_size, device=device,
+                    num_workers=args.num_workers)
+        if args.detect:
+            cache_dir = args.cache_dir or default_cache_dir(args.images)
+            try:
+                crops = detect_crops_from_args(args, cache_dir, str(device))
+            except DetectorError as e:
+                raise SystemExit(f"error: {e}") from None
+            res = encode_crops(model, crops, CATEGORIES, spec, cache_dir=cache_dir, **opts)
+            objs = [crops.crops[p.name] for p in res.paths]
+            out["boxes"] = np.array([o.box for o in objs], dtype=np.int64).reshape(-1, 4)
+            out["categories"] = np.array([o.category for o in objs], dtype=str)
+            out["det_scores"] = np.array([o.score for o in objs], dtype=np.float32)
+            names = [o.frame for o in objs]
+        else:
+            res = encode_folder(model, args.images, spec, cache_dir=args.cache_dir, **opts)
+            names = [p.name for p in res.paths]
         for p, reason in res.failed:
             log.warning("%s: not encoded (%s)", p, reason)
-        out["image_names"] = np.array([p.name for p in res.paths], dtype=str)
+        out["image_names"] = np.array(names, dtype=str)
         out["image_features"] = res.features.numpy().astype(np.float32)
-        log.info("encoded %d images (%d skipped)", len(res.paths), len(res.failed))
+        log.info("encoded %d %s (%d skipped)", len(res.paths), "objects" if args.detect else "images",
+                 len(res.failed))
     else:
         out["image_names"], out["image_features"] = np.array([], dtype=str), np.zeros((0, dim), np.float32)
     if args.texts:

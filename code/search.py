@@ -26,13 +26,8 @@ from pathlib import Path
 from traffic_retrieval import runtime
 from traffic_retrieval.categories import CATEGORIES
 from traffic_retrieval.checkpoint import CheckpointError
-from traffic_retrieval.crops import MIN_SCORE, detect_crops
-from traffic_retrieval.detection import (
-    DEFAULT_DET_CHECKPOINT,
-    DEFAULT_DET_CONFIG,
-    DEFAULT_SCORE_THR,
-    DetectorError,
-)
+from traffic_retrieval.crops import add_detection_arguments, check_detection_arguments, detect_crops_from_args
+from traffic_retrieval.detection import DetectorError
 from traffic_retrieval.modeling import list_models
 from traffic_retrieval.precision import PRECISIONS
 from traffic_retrieval.search import (
@@ -81,27 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch (default: %(default)s)")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images")
-    d = p.add_argument_group("camera frames (--detect)")
-    d.add_argument("--detect", action="store_true",
-                   help="search the people and vehicles the detector finds in each image; list each frame once, by "
-                        "its best-matching object (for whole camera frames rather than one object per image)")
-    d.add_argument("--det_config", default=DEFAULT_DET_CONFIG, help="mmdet config (default: %(default)s)")
-    d.add_argument("--det_checkpoint", default=DEFAULT_DET_CHECKPOINT, help="(default: %(default)s)")
-    d.add_argument("--det_score_thr", type=float, default=DEFAULT_SCORE_THR,
-                   help=f"lowest detector score of an object, at least {MIN_SCORE} (default: %(default)s)")
-    d.add_argument("--det_min_size", type=int, default=16,
-                   help="objects whose box is shorter than this many pixels on a side are left out "
-                        "(default: %(default)s)")
-    d.add_argument("--det_margin", type=float, default=0.1,
-                   help="grow each box by this share of its width and height on every side (default: %(default)s)")
-    d.add_argument("--det_batch_size", type=int, default=8, help="frames per detector batch (default: %(default)s)")
+    add_detection_arguments(p)  # --detect: each frame is listed once, by its best-matching object
     runtime.add_sdpa_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     args = p.parse_args(argv)
-    if args.k < 1 or args.batch_size < 1 or args.det_batch_size < 1:
-        p.error("--k, --batch_size and --det_batch_size must be positive")
-    if not MIN_SCORE <= args.det_score_thr <= 1.0 or args.det_min_size < 0 or args.det_margin < 0:
-        p.error(f"--det_score_thr must be in [{MIN_SCORE}, 1], --det_min_size and --det_margin >= 0")
+    if args.k < 1 or args.batch_size < 1:
+        p.error("--k and --batch_size must be positive")
+    check_detection_arguments(p, args)
     if args.pad is not None and args.pad < 0:
         p.error("--pad must be >= 0")
     if args.query is not None and not args.query.strip():
@@ -129,9 +110,7 @@ def main(argv: list[str] | None = None) -> list[QueryResult]:
         cache_dir = args.cache_dir or default_cache_dir(args.images, args.output_dir)
         crops = None
         if args.detect:  # the crops live in the cache folder, also with --no_cache (that is for the features)
-            crops = detect_crops(args.images, cache_dir, args.det_config, args.det_checkpoint,
-                                 score_thr=args.det_score_thr, margin=args.det_margin, min_size=args.det_min_size,
-                                 device=str(runtime.resolve_device(args.device)), batch_size=args.det_batch_size)
+            crops = detect_crops_from_args(args, cache_dir, str(runtime.resolve_device(args.device)))
         opts = dict(cache_dir=cache_dir, use_cache=not args.no_cache, input_size=args.input_size, device=args.device,
                     precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers, pad=args.pad,
                     crops=crops)

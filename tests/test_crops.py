@@ -224,3 +224,22 @@ def test_search_detect_bad_input(frames, load_script, ckpts, tiny_spm, tmp_path)
         assert e.value.code == 2
     with pytest.raises(ValueError, match="at least 0.05"):
         detect_crops(frames, tmp_path / "cache", **DET, score_thr=0.01)
+
+
+def test_extract_features_detect_one_row_per_object(frames, load_script, ckpts, tmp_path):
+    out = tmp_path / "objects.npz"
+    load_script("extract_features")["main"](
+        ["--model", MODEL, "--finetune", str(ckpts["car"]), "--images", str(frames), "--device", "cpu", "--detect",
+         "--det_config", str(DET["det_config"]), "--det_checkpoint", str(DET["det_checkpoint"]), "--det_min_size",
+         "0", "--det_score_thr", "0.1", "--out", str(out)])
+    fc = detect_crops(frames, frames.parent / ".search_cache", **DET, score_thr=0.1, min_size=0)  # cached: no work
+    got = np.load(out)
+    assert len(got["image_names"]) == len(fc.crops) > len({c.frame for c in fc.crops.values()})
+    model = create_model(MODEL)
+    load_weights(model, ckpts["car"])
+    by_box = {(c.frame, c.box): c for c in fc.crops.values()}
+    crops = [by_box[(n, tuple(b))] for n, b in zip(got["image_names"].tolist(), got["boxes"].tolist())]
+    assert got["categories"].tolist() == [c.category for c in crops]
+    assert got["det_scores"] == pytest.approx([c.score for c in crops], abs=1e-6)
+    want = encode_images(model, [fc.folder(c.category) / c.name for c in crops], eval_transform(32)).features
+    np.testing.assert_allclose(got["image_features"], want.numpy(), atol=1e-5)

@@ -20,6 +20,7 @@ frame folder is ever written.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -35,6 +36,8 @@ from tqdm import tqdm
 from .categories import CATEGORIES
 from .detection import (
     CLASS_GROUPS,
+    DEFAULT_DET_CHECKPOINT,
+    DEFAULT_DET_CONFIG,
     DEFAULT_SCORE_THR,
     BatchDetector,
     CachedImage,
@@ -52,6 +55,8 @@ from .images import ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MIN_SIZE = 16  # pixels on the shorter side: smaller (distant) objects are too blurred to describe
+DEFAULT_MARGIN = 0.1  # share of the box width / height added on every side (some context, as in training crops)
 BOXES_PER_FRAME = 100  # boxes the detector reports per frame (a busy street holds dozens of objects)
 MIN_SCORE = 0.05  # person and vehicle boxes scoring at least this are cached (so the lowest usable threshold)
 MANIFEST_SAVE_SECONDS = 60.0  # progress of a long crop run is saved this often
@@ -170,9 +175,42 @@ def _remove_crops(root: Path, entry: Mapping[str, Any]) -> None:
         (root / row[1] / row[0]).unlink(missing_ok=True)
 
 
+def add_detection_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--detect`` flags of the scripts that read camera frames (search.py, extract_features.py)."""
+    d = p.add_argument_group("camera frames (--detect)")
+    d.add_argument("--detect", action="store_true",
+                   help="the images are camera frames: work on the people and vehicles the detector finds in them")
+    d.add_argument("--det_config", default=DEFAULT_DET_CONFIG, help="mmdet config (default: %(default)s)")
+    d.add_argument("--det_checkpoint", default=DEFAULT_DET_CHECKPOINT, help="(default: %(default)s)")
+    d.add_argument("--det_score_thr", type=float, default=DEFAULT_SCORE_THR,
+                   help=f"lowest detector score of an object, at least {MIN_SCORE} (default: %(default)s)")
+    d.add_argument("--det_min_size", type=int, default=DEFAULT_MIN_SIZE,
+                   help="objects whose box is shorter than this many pixels on a side are left out "
+                        "(default: %(default)s)")
+    d.add_argument("--det_margin", type=float, default=DEFAULT_MARGIN,
+                   help="grow each box by this share of its width and height on every side (default: %(default)s)")
+    d.add_argument("--det_batch_size", type=int, default=8, help="frames per detector batch (default: %(default)s)")
+
+
+def check_detection_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``p.error`` for out-of-range ``--det_*`` values."""
+    if not MIN_SCORE <= args.det_score_thr <= 1.0 or args.det_min_size < 0 or args.det_margin < 0:
+        p.error(f"--det_score_thr must be in [{MIN_SCORE}, 1], --det_min_size and --det_margin >= 0")
+    if args.det_batch_size < 1:
+        p.error("--det_batch_size must be positive")
+
+
+def detect_crops_from_args(args: argparse.Namespace, cache_dir: str | os.PathLike, device: str) -> FrameCrops:
+    """:func:`detect_crops` of ``args.images`` with the flags of :func:`add_detection_arguments`."""
+    return detect_crops(args.images, cache_dir, args.det_config, args.det_checkpoint, score_thr=args.det_score_thr,
+                        margin=args.det_margin, min_size=args.det_min_size, device=device,
+                        batch_size=args.det_batch_size)
+
+
 def detect_crops(images: str | os.PathLike, cache_dir: str | os.PathLike, det_config: str | os.PathLike,
-                 det_checkpoint: str | os.PathLike, *, score_thr: float = DEFAULT_SCORE_THR, margin: float = 0.1,
-                 min_size: int = 16, device: str = "cpu", batch_size: int = 8,
+                 det_checkpoint: str | os.PathLike, *, score_thr: float = DEFAULT_SCORE_THR,
+                 margin: float = DEFAULT_MARGIN, min_size: int = DEFAULT_MIN_SIZE, device: str = "cpu",
+                 batch_size: int = 8,
                  save_every_s: float = MANIFEST_SAVE_SECONDS) -> FrameCrops:
     """Detect the people and vehicles in every image directly inside ``images`` and cut them out (module docstring).
 
