@@ -40,14 +40,13 @@ from .detection import (
     DEFAULT_DET_CONFIG,
     DEFAULT_SCORE_THR,
     BatchDetector,
-    CachedImage,
     Detection,
     DetectionCache,
+    detect_cached,
     detector_fingerprint,
     fingerprint_digest,
     image_key,
     load_detector,
-    rgb_to_bgr,
 )
 from .encoding import list_images
 from .fileio import atomic_open, write_json
@@ -241,38 +240,21 @@ def detect_crops(images: str | os.PathLike, cache_dir: str | os.PathLike, det_co
              len(todo))
     failed: list[tuple[Path, str]] = []
     if todo:
+        # Detect first (resumable through the detection cache), then cut (resumable through the crop list).
         cache = DetectionCache(detection_cache_file(cache_dir, images, digest), fingerprint)
-        detector: BatchDetector | None = None
+        found, failed, _ = detect_cached(
+            todo, cache, lambda: BatchDetector(load_detector(det_config, det_checkpoint, device), BOXES_PER_FRAME),
+            batch_size=batch_size, desc=f"detect {Path(images).name}",
+            keep=lambda d: d.label in CLASS_GROUPS and d.score >= MIN_SCORE)
         last_save = time.monotonic()
         try:
-            for start in tqdm(range(0, len(todo), batch_size), desc=f"detect {Path(images).name}", unit="batch"):
-                chunk = todo[start:start + batch_size]
-                found = {p.name: hit.detections for p in chunk if (hit := cache.get(p.name, keys[p.name]))}
-                new, arrays = [], []
-                for p in chunk:
-                    if p.name in found:
-                        continue
-                    try:
-                        arrays.append(rgb_to_bgr(load_rgb(p)))
-                        new.append(p)
-                    except ImageReadError as e:
-                        failed.append((p, str(e)))
-                if new:
-                    if detector is None:
-                        detector = BatchDetector(load_detector(det_config, det_checkpoint, device), BOXES_PER_FRAME)
-                    dets = [[d for d in ds if d.label in CLASS_GROUPS and d.score >= MIN_SCORE]
-                            for ds in detector(arrays)]
-                    cache.add_many((p.name, keys[p.name], CachedImage(d, None)) for p, d in zip(new, dets))
-                    found.update((p.name, d) for p, d in zip(new, dets))
-                for p in chunk:
-                    if p.name not in found:
-                        continue
-                    try:
-                        rows = _cut(p, root, frame_objects(found[p.name], score_thr, min_size), margin)
-                    except ImageReadError as e:  # changed or removed since it was detected
-                        failed.append((p, str(e)))
-                        continue
-                    manifest[p.name] = {"image": keys[p.name], "crops": rows}
+            for p in tqdm([p for p in todo if p.name in found], desc=f"cut {Path(images).name}", unit="frame"):
+                try:
+                    rows = _cut(p, root, frame_objects(found[p.name], score_thr, min_size), margin)
+                except ImageReadError as e:  # changed or removed since it was detected
+                    failed.append((p, str(e)))
+                    continue
+                manifest[p.name] = {"image": keys[p.name], "crops": rows}
                 if time.monotonic() - last_save >= save_every_s:
                     write_json(manifest_path, manifest)
                     last_save = time.monotonic()

@@ -402,6 +402,62 @@ class DetectionCache:
                 os.fsync(f.fileno())
 
 
+def detect_cached(
+    paths: Sequence[Path],
+    cache: DetectionCache | None,
+    make_detector: Callable[[], Callable[[Sequence[np.ndarray]], list[list[Detection]]]],
+    *,
+    batch_size: int = 8,
+    desc: str = "detect",
+    keep: Callable[[Detection], bool] | None = None,
+) -> tuple[dict[str, list[Detection]], list[tuple[Path, str]], int]:
+    """Detections of each image (by file name): from ``cache`` while the image is unchanged, else from the detector,
+    which ``make_detector`` builds on first need (a fully cached run loads nothing). New rows are appended to the
+    cache batch by batch, so an interrupted run resumes where it stopped. ``keep`` filters the boxes stored.
+
+    Returns:
+        The detections by name, the images that could not be read (path, reason) and how many were detected now.
+    """
+    from tqdm import tqdm
+
+    from .images import load_rgb
+
+    found: dict[str, list[Detection]] = {}
+    failed: list[tuple[Path, str]] = []
+    keys: dict[str, dict[str, int]] = {}
+    todo: list[Path] = []
+    for p in paths:
+        try:
+            keys[p.name] = image_key(p)
+        except OSError as e:
+            failed.append((p, f"missing ({e.strerror})"))
+            continue
+        hit = cache.get(p.name, keys[p.name]) if cache is not None else None
+        if hit is not None:
+            found[p.name] = hit.detections
+        else:
+            todo.append(p)
+    detector = None
+    n_new = 0
+    for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch", disable=not todo):
+        chunk, arrays = [], []
+        for p in todo[start:start + batch_size]:
+            try:
+                arrays.append(rgb_to_bgr(load_rgb(p)))
+                chunk.append(p)
+            except ValueError as e:  # ImageReadError: reported by the caller, the others go on
+                failed.append((p, str(e)))
+        if not chunk:
+            continue
+        detector = detector or make_detector()
+        dets = [[d for d in ds if keep is None or keep(d)] for ds in detector(arrays)]
+        found.update((p.name, d) for p, d in zip(chunk, dets))
+        n_new += len(chunk)
+        if cache is not None:
+            cache.add_many((p.name, keys[p.name], CachedImage(d, None)) for p, d in zip(chunk, dets))
+    return found, failed, n_new
+
+
 # ------------------------------------------------------------------------------------------------- demo detector
 def packaged_config(rel: str) -> Path:
     """A config file shipped inside the mmdet package, e.g. ``rtmdet/rtmdet_tiny_8xb32-300e_coco.py``."""
@@ -681,36 +737,15 @@ def classify_images(
 
     Used for test galleries, whose file names need not reveal the category: ``code/jsonl_test.py --detect``.
     """
-    from tqdm import tqdm
-
-    from .images import load_rgb
-
     image_dir = Path(image_dir)
     cache = DetectionCache(cache_path, detector_fingerprint(config, checkpoint)) if cache_path else None
-    out: dict[str, str | None] = {}
-    todo: list[str] = []
-    for n in names:
-        hit = cache.get(n, image_key(image_dir / n)) if cache else None
-        if hit is not None:
-            out[n] = decide_category(hit.detections, score_thr).category
-        else:
-            todo.append(n)
-    detector = BatchDetector(load_detector(config, checkpoint, device)) if todo else None
-    for start in tqdm(range(0, len(todo), batch_size), desc="detect test images", unit="batch"):
-        chunk, images = [], []
-        for n in todo[start:start + batch_size]:
-            try:
-                images.append(rgb_to_bgr(load_rgb(image_dir / n)))
-                chunk.append(n)
-            except ValueError as e:  # unreadable: no category, reported once
-                log.warning("%s: not classified (%s)", image_dir / n, e)
-                out[n] = None
-        dets = detector(images) if images else []
-        for n, d in zip(chunk, dets):
-            out[n] = decide_category(d, score_thr).category
-        if cache:
-            cache.add_many((n, image_key(image_dir / n), CachedImage(d, None)) for n, d in zip(chunk, dets))
+    found, failed, n_new = detect_cached([image_dir / n for n in names], cache,
+                                         lambda: BatchDetector(load_detector(config, checkpoint, device)),
+                                         batch_size=batch_size, desc="detect test images")
+    for p, reason in failed:
+        log.warning("%s: not classified (%s)", p, reason)
+    out = {n: decide_category(found[n], score_thr).category if n in found else None for n in names}
     log.info("classified %d test images (%d from the cache): %d car, %d people, %d undetected", len(out),
-             len(names) - len(todo), sum(c == "car" for c in out.values()), sum(c == "people" for c in out.values()),
+             len(found) - n_new, sum(c == "car" for c in out.values()), sum(c == "people" for c in out.values()),
              sum(c is None for c in out.values()))
     return out
