@@ -21,7 +21,6 @@ frame folder is ever written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ from .detection import (
     load_detector,
 )
 from .encoding import list_images
-from .fileio import atomic_open, write_json
+from .fileio import atomic_open, folder_key, write_json
 from .images import ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -113,24 +112,18 @@ def frame_objects(detections: Sequence[Detection], score_thr: float = DEFAULT_SC
     return out
 
 
-def _keyed_name(prefix: str, images: str | os.PathLike, *setting: str) -> str:
-    digest = hashlib.sha256("\n".join([os.path.abspath(images), *setting]).encode()).hexdigest()[:12]
-    folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(images).resolve().name) or "root"
-    return f"{prefix}_{folder}_{digest}"
-
-
 def detection_cache_file(cache_dir: str | os.PathLike, images: str | os.PathLike, detector_digest: str) -> Path:
     """The detection cache of one frame folder and detector."""
-    return Path(cache_dir) / (_keyed_name("detections", images, detector_digest, f"boxes={BOXES_PER_FRAME}",
-                                          f"min_score={MIN_SCORE}") + ".jsonl")
+    return Path(cache_dir) / (folder_key("detections", images, detector_digest, f"boxes={BOXES_PER_FRAME}",
+                                         f"min_score={MIN_SCORE}") + ".jsonl")
 
 
 def crop_folder(cache_dir: str | os.PathLike, images: str | os.PathLike, detector_digest: str, score_thr: float,
                 margin: float, min_size: int) -> Path:
     """The crop folder of one frame folder, detector and crop setting (a new setting gets a folder of its own, so
     switching back and forth costs nothing)."""
-    return Path(cache_dir) / _keyed_name("crops", images, detector_digest, f"thr={score_thr!r}",
-                                         f"margin={margin!r}", f"min_size={min_size}")
+    return Path(cache_dir) / folder_key("crops", images, detector_digest, f"thr={score_thr!r}", f"margin={margin!r}",
+                                        f"min_size={min_size}")
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -51,6 +51,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def folder_key(prefix: str, folder: str | os.PathLike, *setting: str) -> str:
+    """``<prefix>_<folder name>_<12 hex>``: a file-system-safe name for what the caches keep per folder (its absolute
+    path) and setting, readable by its folder name."""
+    digest = hashlib.sha256("\n".join([os.path.abspath(folder), *setting]).encode()).hexdigest()[:12]
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(folder).resolve().name) or "root"
+    return f"{prefix}_{name}_{digest}"
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)

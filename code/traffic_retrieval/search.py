@@ -17,7 +17,6 @@ frame is listed once, by its best-matching object (whose crop is the thumbnail a
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import logging
@@ -33,7 +32,7 @@ from .categories import CATEGORIES, text_category
 from .checkpoint import resolve_checkpoint_path
 from .crops import Crop, FrameCrops
 from .encoding import ImageFeatures, encode_texts, list_images
-from .fileio import write_text
+from .fileio import folder_key, write_text
 from .images import ImageReadError, load_rgb
 from .inference import FeatureSpec, encode_gallery, load_model, rank_gallery, resolve_pad
 from .labels import read_ground_truth, read_test_text
@@ -169,10 +168,7 @@ def cache_file(cache_dir: str | os.PathLike, images: str | os.PathLike, spec: Fe
     padding) keep their own instead of replacing each other's; a retrained checkpoint at the same path overwrites
     its file."""
     setting = {k: v for k, v in asdict(spec).items() if k not in ("checkpoint_size", "checkpoint_mtime_ns")}
-    key = "\n".join([os.path.abspath(images), *(f"{k}={v}" for k, v in setting.items())])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    folder = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(images).resolve().name) or "root"
-    return Path(cache_dir) / f"gallery_{folder}_{digest}.pt"
+    return Path(cache_dir) / (folder_key("gallery", images, *(f"{k}={v}" for k, v in setting.items())) + ".pt")
 
 
 def folder_images(images: str | os.PathLike) -> list[Path]:
