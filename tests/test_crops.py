@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -197,7 +200,17 @@ def test_search_detect_lists_frames_by_their_best_object(tiny_dataset, frames, l
     printed = capsys.readouterr().out
     h = results[0].hits[0]
     assert f"{h.name}  ({h.obj.category} at {','.join(map(str, h.obj.box))})" in printed
-    assert f"{h.obj.category} at {','.join(map(str, h.obj.box))}" in (out / "search.html").read_text()
+    page = (out / "search.html").read_text()
+    assert f"{h.obj.category} at {','.join(map(str, h.obj.box))}" in page
+    # each hit shows its crop and its frame with the object's box drawn in red
+    framed = re.findall(r'<img class="frame" src="data:image/jpeg;base64,([^"]*)"', page)
+    assert len(framed) == sum(len(r.hits) for r in results)
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(framed[0]))).convert("RGB")).astype(int)
+    frame = load_rgb(frames / h.name)
+    f = thumb.shape[1] / frame.width
+    x1, y1, x2, y2 = (round(v * f) for v in h.obj.box)
+    left_edge = thumb[y1:y2, min(x1, thumb.shape[1] - 1)]
+    assert (left_edge[:, 0] - left_edge[:, 1:].max(axis=1)).mean() > 60, left_edge  # red dominates the box edge
 
     # one model per category: each query ranks only the objects of its category
     results = main(common + ["--finetune_car", str(ckpts["car"]), "--finetune_people", str(ckpts["people"])])

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
 import torch
+from PIL import ImageDraw
 
 from .categories import CATEGORIES, text_category
 from .checkpoint import resolve_checkpoint_path
@@ -58,6 +59,7 @@ class Hit:
     score: float  # cosine similarity
     relevant: bool | None = None  # None without ground truth for this query
     obj: Crop | None = None  # the frame's best-matching object, when searching detected objects
+    frame_path: Path | None = None  # and its frame (shown with the object's box)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Searcher:
     batch_size: int = 256
     info: dict[str, str] = field(default_factory=dict)  # what was searched with what (shown in the HTML)
     crops: Mapping[str, Crop] | None = None  # gallery images that are detected objects: crop name -> crop
+    frames_dir: Path | None = None  # the folder of their frames
 
     def search(self, queries: Sequence[str], k: int = 10) -> list[QueryResult]:
         """The top ``k`` gallery images per query, best first (k is capped at the gallery size). A gallery of
@@ -112,8 +115,11 @@ class Searcher:
                     break
                 if any(h.name == frames[i] for h in hits):
                     continue  # the frame is already listed with a better object
-                obj = self.crops[paths[i].name] if self.crops is not None else None
-                hits.append(Hit(len(hits) + 1, frames[i], paths[i], s, obj=obj))
+                hit = Hit(len(hits) + 1, frames[i], paths[i], s)
+                if self.crops is not None:
+                    hit.obj = self.crops[paths[i].name]
+                    hit.frame_path = self.frames_dir / frames[i] if self.frames_dir is not None else None
+                hits.append(hit)
             out.append(QueryResult(text, hits))
         return out
 
@@ -253,7 +259,8 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
         described += f" ({len(gallery.failed)} unreadable)"
     info = {"images": str(images), "model": model_name, "checkpoint": str(ckpt), "gallery": described}
     return Searcher(model, tokenizer, gallery, dev, precision, batch_size=4 * batch_size, info=info,
-                    crops=crops.crops if crops is not None else None)
+                    crops=crops.crops if crops is not None else None,
+                    frames_dir=Path(images) if crops is not None else None)
 
 
 def build_category_searcher(images: str | os.PathLike, model_name: str,
@@ -326,14 +333,20 @@ def _where(hit: Hit) -> str:
     return f"  ({hit.obj.category} at {','.join(map(str, hit.obj.box))})"
 
 
-def thumbnail_data_uri(path: Path, size: int = THUMB_SIZE) -> str | None:
-    """A small JPEG of ``path`` as a ``data:`` URI, or None if the image cannot be read any more."""
+def thumbnail_data_uri(path: Path, size: int = THUMB_SIZE, box: Sequence[int] | None = None) -> str | None:
+    """A small JPEG of ``path`` as a ``data:`` URI, with ``box`` (x1, y1, x2, y2 in image pixels) drawn in red, or
+    None if the image cannot be read any more."""
     try:
         im = load_rgb(path)
     except ImageReadError as e:
         log.warning("no thumbnail: %s", e)
         return None
+    width = im.width
     im.thumbnail((size, size))
+    if box is not None:
+        f = im.width / width
+        x1, y1, x2, y2 = (v * f for v in box)
+        ImageDraw.Draw(im).rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=(255, 0, 0), width=2)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=THUMB_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -346,7 +359,7 @@ section { margin: 1.5em 0; } h2 { font-size: 1.05em; margin: 0.3em 0; } .ap { co
 .grid { display: flex; flex-wrap: wrap; gap: 8px; }
 figure { margin: 0; width: 140px; padding: 4px; border: 4px solid #ccc; border-radius: 6px; text-align: center; }
 figure.hit { border-color: #2a9d3a; } figure.miss { border-color: #d33; }
-figure img { max-width: 128px; max-height: 128px; display: block; margin: 0 auto; }
+figure img { max-width: 128px; max-height: 128px; display: block; margin: 0 auto; } img.frame { margin-top: 4px; }
 figcaption { font-size: 0.75em; word-break: break-all; } .mark { font-weight: bold; }
 .hit .mark { color: #2a9d3a; } .miss .mark { color: #d33; }
 """
@@ -376,6 +389,9 @@ def render_html(results: Sequence[QueryResult], title: str = "Text-to-image sear
             word = "&#10003; hit" if h.relevant else "&#10007; miss"
             mark = "" if h.relevant is None else f' <span class="mark">{word}</span>'
             img = f'<img src="{thumbs[h.path]}" alt="{e(h.name)}">' if thumbs[h.path] else "<p>(unreadable)</p>"
+            if h.obj is not None and h.frame_path is not None:  # the object in its frame
+                framed = thumbnail_data_uri(h.frame_path, thumb_size, h.obj.box)
+                img += f'<img class="frame" src="{framed}" alt="{e(h.name)}">' if framed else ""
             where = f"<br>{e(_where(h).strip())}" if h.obj is not None else ""
             parts.append(f'<figure class="result{cls}">{img}<figcaption>#{h.rank}{mark}<br>{e(h.name)}{where}<br>'
                          f"score {h.score:.4f}</figcaption></figure>")
