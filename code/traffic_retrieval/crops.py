@@ -76,6 +76,7 @@ class FrameCrops:
     """The crops of a frame folder."""
 
     root: Path  # the crop folder
+    images: Path  # the frame folder
     frames: list[str]  # every frame file name, sorted
     crops: dict[str, Crop]  # crop name -> crop
     failed: list[tuple[Path, str]] = field(default_factory=list)  # unreadable frames and why
@@ -261,4 +262,4 @@ def detect_crops(images: str | os.PathLike, cache_dir: str | os.PathLike, det_co
     per = ", ".join(f"{sum(c.category == k for c in crops.values())} {k}" for k in CATEGORIES)
     log.info("%s: %d objects (%s) in %d frames; %d frames without a person or vehicle scoring >= %s",
              images, len(crops), per, len(manifest), empty, score_thr)
-    return FrameCrops(root, sorted(keys), crops, failed)
+    return FrameCrops(root, Path(images), sorted(keys), crops, failed)

@@ -84,8 +84,7 @@ class Searcher:
     precision: str
     batch_size: int = 256
     info: dict[str, str] = field(default_factory=dict)  # what was searched with what (shown in the HTML)
-    crops: Mapping[str, Crop] | None = None  # gallery images that are detected objects: crop name -> crop
-    frames_dir: Path | None = None  # the folder of their frames
+    crops: FrameCrops | None = None  # when the gallery images are objects detected in these frames
 
     def search(self, queries: Sequence[str], k: int = 10) -> list[QueryResult]:
         """The top ``k`` gallery images per query, best first (k is capped at the gallery size). A gallery of
@@ -96,7 +95,7 @@ class Searcher:
         if not paths:
             raise ValueError(f"nothing to search: {self.info.get('gallery', 'the gallery has no readable image')}")
         # Each gallery row's frame: itself, or the frame an object was cut from.
-        frames = [self.crops[p.name].frame if self.crops is not None else p.name for p in paths]
+        frames = [self.crops.crops[p.name].frame if self.crops is not None else p.name for p in paths]
         per_frame = Counter(frames)
         if k > len(per_frame):
             log.warning("k=%d but the gallery has %d readable %s: showing all of them", k, len(per_frame),
@@ -110,15 +109,16 @@ class Searcher:
         out = []
         for text, s_row, i_row in zip(queries, scores.tolist(), idx.tolist()):
             hits: list[Hit] = []
+            listed: set[str] = set()
             for s, i in zip(s_row, i_row):
                 if len(hits) == k:
                     break
-                if any(h.name == frames[i] for h in hits):
+                if frames[i] in listed:
                     continue  # the frame is already listed with a better object
+                listed.add(frames[i])
                 hit = Hit(len(hits) + 1, frames[i], paths[i], s)
                 if self.crops is not None:
-                    hit.obj = self.crops[paths[i].name]
-                    hit.frame_path = self.frames_dir / frames[i] if self.frames_dir is not None else None
+                    hit.obj, hit.frame_path = self.crops.crops[paths[i].name], self.crops.images / frames[i]
                 hits.append(hit)
             out.append(QueryResult(text, hits))
         return out
@@ -258,9 +258,7 @@ def build_searcher(images: str | os.PathLike, model_name: str, checkpoint: str |
     if gallery.failed:
         described += f" ({len(gallery.failed)} unreadable)"
     info = {"images": str(images), "model": model_name, "checkpoint": str(ckpt), "gallery": described}
-    return Searcher(model, tokenizer, gallery, dev, precision, batch_size=4 * batch_size, info=info,
-                    crops=crops.crops if crops is not None else None,
-                    frames_dir=Path(images) if crops is not None else None)
+    return Searcher(model, tokenizer, gallery, dev, precision, batch_size=4 * batch_size, info=info, crops=crops)
 
 
 def build_category_searcher(images: str | os.PathLike, model_name: str,
