@@ -39,6 +39,15 @@ def dataset_copy(tiny_dataset: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.fixture()
+def gallery_copy(tiny_dataset: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny test images at ``<tmp>/gallery/photos`` (caches next to it and added files must
+    not touch the shared dataset)."""
+    dst = tmp_path / "gallery" / "photos"
+    shutil.copytree(tiny_dataset / "test" / "test_images", dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_spm(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small sentencepiece model trained on the tiny dataset's captions and queries."""

@@ -51,10 +51,8 @@ def test_frame_objects_keep_grouped_classes_above_threshold_and_size() -> None:
 
 
 @pytest.fixture()
-def frames(tiny_dataset, tmp_path) -> Path:
-    dst = tmp_path / "camera" / "frames"
-    shutil.copytree(tiny_dataset / "test" / "test_images", dst)
-    return dst
+def frames(gallery_copy) -> Path:
+    return gallery_copy
 
 
 @pytest.fixture()

@@ -64,18 +64,15 @@ def test_command_is_real(cmd, capsys):
             assert not missing, f"{script} does not accept {missing} (README: {cmd})"
 
 
-def test_python_example_runs(tiny_dataset, tiny_spm, tmp_path, capsys):
+def test_python_example_runs(gallery_copy, tiny_spm, tmp_path, capsys):
     """The README's Python blocks run as printed, with the paths and the model swapped for the test's tiny ones."""
-    import shutil
-
     import torch
 
     from traffic_retrieval.modeling import create_model
 
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.S)
     assert blocks
-    gallery = tmp_path / "gallery"
-    shutil.copytree(tiny_dataset / "test" / "test_images", gallery)
+    gallery = gallery_copy
     ckpt = tmp_path / "model.pth"
     torch.manual_seed(0)
     torch.save({"model": create_model("beit3_nano_patch16_32").state_dict()}, ckpt)

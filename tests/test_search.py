@@ -36,11 +36,8 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def images(tiny_dataset, tmp_path) -> Path:
-    """A private copy of the tiny test images (the search cache and added files must not touch the shared one)."""
-    dst = tmp_path / "gallery" / "photos"
-    shutil.copytree(tiny_dataset / "test" / "test_images", dst)
-    return dst
+def images(gallery_copy) -> Path:
+    return gallery_copy
 
 
 @pytest.fixture()
