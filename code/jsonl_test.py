@@ -27,7 +27,7 @@ from traffic_retrieval.detection import (
     classify_images,
 )
 from traffic_retrieval.fileio import atomic_open
-from traffic_retrieval.indexing import build_test_index, list_test_images, read_image_categories
+from traffic_retrieval.indexing import DEFAULT_TEXT_FILE, build_test_index, list_test_images, read_image_categories
 from traffic_retrieval.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with test_text.txt and test_images/ (default: %(default)s)")
     p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm",
                    help="sentencepiece model of the text encoder (default: %(default)s)")
-    p.add_argument("--text_file", default="test_text.txt", help="query file inside data_path (default: %(default)s)")
+    p.add_argument("--text_file", default=DEFAULT_TEXT_FILE,
+                   help="query file inside data_path; infer.py then ranks its queries (default: %(default)s)")
     p.add_argument("--image_categories", default=None,
                    help="optional 'name$category' file (e.g. from the detection stage); without it image "
                         "categories are null")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from traffic_retrieval.categories import attribute_category, text_category
 from traffic_retrieval.images import ImageReadError, check_image, load_rgb
+from traffic_retrieval.inference import InferenceError, load_test_index
 from traffic_retrieval.labels import read_label_file_strict, read_test_text
 from traffic_retrieval.tokenizer import Tokenizer
 
@@ -74,6 +75,28 @@ def test_grouped_queries_and_gallery(dataset_copy: Path, tiny_spm: Path, script,
     assert [im["filename"] for im in tj["images"]] == names and tj["images"][3]["imgid"] == 3
     assert tj["images"][0]["filepath"] == "test_images" and tj["images"][0]["category"] is None
     assert [q["raw"] for q in tj["queries"]] == grouped and tj["queries"][5]["sentid"] == 5
+
+
+def test_another_query_file_is_the_one_inference_ranks(dataset_copy: Path, tiny_spm: Path, script) -> None:
+    test_dir = dataset_copy / "test"
+    queries = read_test_text(test_dir / "test_text.txt")
+    second = queries[::-1][:5]  # another leaderboard's queries: fewer, in another order
+    (test_dir / "queries_B.txt").write_text("".join(q + "\n" for q in second))
+    _run(script, test_dir, tiny_spm, "--text_file", "queries_B.txt")
+    assert json.loads((test_dir / "test_order.json").read_text())["text_file"] == "queries_B.txt"
+    index = load_test_index(test_dir)  # test_text.txt is still there, with other queries
+    assert index.texts == second and index.text_file == "queries_B.txt"
+    assert index.categories == [text_category(q) for q in second]
+    (test_dir / "queries_B.txt").write_text("".join(q + "\n" for q in second[:4]))
+    with pytest.raises(InferenceError, match="re-run .*--text_file queries_B.txt"):
+        load_test_index(test_dir)
+
+    _run(script, test_dir, tiny_spm)  # the default query file; an index without "text_file" means it too
+    order_path = test_dir / "test_order.json"
+    order = json.loads(order_path.read_text())
+    assert order.pop("text_file") == "test_text.txt"
+    order_path.write_text(json.dumps(order))
+    assert load_test_index(test_dir).texts == queries
 
 
 def test_image_categories_file(dataset_copy: Path, tiny_spm: Path, script) -> None:

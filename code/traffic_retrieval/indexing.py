@@ -13,11 +13,12 @@ Training/validation (per category and split), from the cleaned labels ``<data_pa
   "image_id": 0-based index of the image in this file, "attribute": str, "text": str}``. The two extra keys feed the
   duplicate-aware loss and attribute relevance at validation; official readers ignore them.
 
-Test (all images, all queries), from ``<data_path>/test_text.txt`` and ``<data_path>/test_images/``:
+Test (all images, all queries), from ``<data_path>/test_text.txt`` (or another query file in ``data_path``) and
+``<data_path>/test_images/``:
 
 - ``test.txt``: the queries grouped by category, ``car`` first, then ``people``, stable within a group (the input
-  is never assumed to be grouped already); ``test_order.json`` maps each line back: ``{"original_index": [...],
-  "category": [...]}``;
+  is never assumed to be grouped already); ``test_order.json`` maps each line back to the query file it names:
+  ``{"text_file": "test_text.txt", "original_index": [...], "category": [...]}``;
 - ``test.json``: ``{"images": [{"filename", "filepath": "test_images", "imgid", "split": "test", "category",
   "sentids": [], "sentences": []}], "queries": [{"sentid", "raw", "tokens", "category", "original_index"}],
   "dataset": "traffic"}``;
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 DATASET_NAME = "traffic"
 TEST_IMAGE_DIR = "test_images"
+DEFAULT_TEXT_FILE = "test_text.txt"  # the challenge's query file
 
 
 class IndexBuildError(ValueError):
@@ -287,7 +289,7 @@ def build_test_index(
     data_path: str | os.PathLike,
     tokenizer: Tokenizer,
     image_categories: Mapping[str, str] | None = None,
-    text_file: str = "test_text.txt",
+    text_file: str = DEFAULT_TEXT_FILE,
 ) -> dict[str, Any]:
     """Write the test index files (see the module docstring) into ``data_path``.
 
@@ -295,7 +297,7 @@ def build_test_index(
         A summary: numbers of queries and images per category (``None`` for unknown) and the excluded images.
 
     Raises:
-        FileNotFoundError: ``test_text.txt`` or ``test_images/`` is missing.
+        FileNotFoundError: the query file (``text_file``) or ``test_images/`` is missing.
         LabelFormatError: a bad query line (file:line).
         IndexBuildError: no query, or no usable test image.
     """
@@ -327,7 +329,7 @@ def build_test_index(
     grouped = [queries[i] for i in order]
     segments = [tokenizer.encode(q) for q in grouped]
     write_text(data_path / "test.txt", "".join(q + "\n" for q in grouped))
-    write_json(data_path / "test_order.json", {"original_index": order, "category": qcats})
+    write_json(data_path / "test_order.json", {"text_file": text_file, "original_index": order, "category": qcats})
     images_json = [{"filename": n, "filepath": TEST_IMAGE_DIR, "imgid": i, "split": "test",
                     "category": cats_of_images[n], "sentids": [], "sentences": []} for i, n in enumerate(good)]
     queries_json = [{"sentid": k, "raw": q, "tokens": simple_tokens(q), "category": c, "original_index": o}

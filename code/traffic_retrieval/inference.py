@@ -61,7 +61,7 @@ from .distributed import (
 )
 from .encoding import ImageFeatures, encode_images, encode_token_batches
 from .fileio import file_stamp, torch_save, write_json
-from .indexing import TEST_IMAGE_DIR
+from .indexing import DEFAULT_TEXT_FILE, TEST_IMAGE_DIR
 from .labels import read_ground_truth, read_test_text
 from .metrics import score_results
 from .modeling import BEiT3Retrieval, compile_layers, create_model
@@ -87,7 +87,8 @@ class InferenceError(ValueError):
 # ------------------------------------------------------------------------------------------------ the test index
 @dataclass
 class TestIndex:
-    """The test queries and gallery, checked against test_text.txt. Lists of queries are in test_text.txt order."""
+    """The test queries and gallery, checked against the query file (test_text.txt). Lists of queries are in that
+    file's order."""
 
     texts: list[str]  # test_text.txt, verbatim
     categories: list[str]  # category of each query (from the index)
@@ -95,6 +96,7 @@ class TestIndex:
     image_dir: Path  # <data_path>/test_images
     image_names: list[str]  # the gallery, sorted by name (the index's order)
     image_categories: list[str | None]  # category of each image, None when unknown
+    text_file: str = DEFAULT_TEXT_FILE  # the query file in data_path that the index was built from
 
     def queries_of(self, category: str) -> list[int]:
         """Indices (in test_text.txt order) of the queries of ``category``."""
@@ -122,64 +124,74 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _index_command(data_path: str | os.PathLike, spm: str | os.PathLike = "<spm>") -> str:
-    return f"python code/jsonl_test.py --data_path {data_path} --sentencepiece_model {spm}"
+def _index_command(data_path: str | os.PathLike, spm: str | os.PathLike = "<spm>",
+                   text_file: str = DEFAULT_TEXT_FILE) -> str:
+    extra = "" if text_file == DEFAULT_TEXT_FILE else f" --text_file {text_file}"
+    return f"python code/jsonl_test.py --data_path {data_path} --sentencepiece_model {spm}{extra}"
 
 
-def _stale(data_path: Path, what: str) -> InferenceError:
-    return InferenceError(f"{what}; the test index does not match test_text.txt / test_images: re-run "
-                          f"`{_index_command(data_path)}`")
+def _stale(data_path: Path, what: str, text_file: str = DEFAULT_TEXT_FILE) -> InferenceError:
+    return InferenceError(f"{what}; the test index does not match {text_file} / {TEST_IMAGE_DIR}: re-run "
+                          f"`{_index_command(data_path, text_file=text_file)}`")
 
 
 def load_test_index(data_path: str | os.PathLike, task: str = "flickr30k") -> TestIndex:
-    """Read and cross-check the test index written by ``code/jsonl_test.py``.
+    """Read and cross-check the test index written by ``code/jsonl_test.py``. The queries are those of the query
+    file the index was built from (``test_order.json`` names it; ``test_text.txt`` for indexes that do not).
 
     Raises:
-        FileNotFoundError: test_text.txt is missing.
-        InferenceError: an index file is missing, malformed or does not map back to test_text.txt exactly, or a
+        FileNotFoundError: the query file is missing.
+        InferenceError: an index file is missing, malformed or does not map back to the query file exactly, or a
             gallery image is missing.
     """
     if task not in TASKS:
         raise InferenceError(f"unknown task {task!r}; choose one of {TASKS}")
     data_path = Path(data_path)
-    text_path = data_path / "test_text.txt"
-    texts = read_test_text(text_path)
     files = {"grouped": data_path / "test.txt", "order": data_path / "test_order.json",
              "images": data_path / f"{task}.test.jsonl", "queries": data_path / f"{task}.test_queries.jsonl"}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise InferenceError(f"test index file(s) missing: {', '.join(missing)}; run "
                              f"`{_index_command(data_path)}` first")
+    try:
+        order = json.loads(files["order"].read_text(encoding="utf-8"))
+        original, cats = order["original_index"], order["category"]
+        text_file = order.get("text_file", DEFAULT_TEXT_FILE)
+        if not isinstance(text_file, str) or not text_file:
+            raise TypeError(f"'text_file' must be a file name, got {text_file!r}")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise InferenceError(f"{files['order']}: expected {{'text_file': str, 'original_index': [...], "
+                             f"'category': [...]}} ({type(e).__name__}: {e})") from None
+
+    def stale(what: str) -> InferenceError:
+        return _stale(data_path, what, text_file)
+
+    text_path = data_path / text_file
+    texts = read_test_text(text_path)
     n = len(texts)
     if n == 0:
         raise InferenceError(f"{text_path} has no query")
 
     grouped = read_test_text(files["grouped"])
-    try:
-        order = json.loads(files["order"].read_text(encoding="utf-8"))
-        original, cats = order["original_index"], order["category"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InferenceError(f"{files['order']}: expected {{'original_index': [...], 'category': [...]}} "
-                             f"({type(e).__name__}: {e})") from None
     if not (len(grouped) == len(original) == len(cats) == n):
-        raise _stale(data_path, f"{text_path} has {n} queries but {files['grouped']} has {len(grouped)} and "
+        raise stale(f"{text_path} has {n} queries but {files['grouped']} has {len(grouped)} and "
                                 f"{files['order']} maps {len(original)}")
     if sorted(original) != list(range(n)):
-        raise _stale(data_path, f"{files['order']}: original_index is not a permutation of 0..{n - 1}")
+        raise stale(f"{files['order']}: original_index is not a permutation of 0..{n - 1}")
     for k, (line, i) in enumerate(zip(grouped, original)):
         if line != texts[i]:
-            raise _stale(data_path, f"{files['grouped']}:{k + 1}: {line!r} differs from {text_path}:{i + 1} "
+            raise stale(f"{files['grouped']}:{k + 1}: {line!r} differs from {text_path}:{i + 1} "
                                     f"{texts[i]!r}")
 
     rows = read_jsonl(files["queries"])
     if len(rows) != n:
-        raise _stale(data_path, f"{files['queries']} has {len(rows)} rows for {n} queries")
+        raise stale(f"{files['queries']} has {len(rows)} rows for {n} queries")
     categories: list[str] = [""] * n
     segments: list[list[int]] = [[] for _ in range(n)]
     for k, (row, i, cat) in enumerate(zip(rows, original, cats)):
         where = f"{files['queries']}:{k + 1}"
         if row.get("text") != grouped[k] or row.get("original_index") != i or row.get("category") != cat:
-            raise _stale(data_path, f"{where}: does not match {files['grouped']}:{k + 1} / {files['order']}")
+            raise stale(f"{where}: does not match {files['grouped']}:{k + 1} / {files['order']}")
         if cat not in CATEGORIES:
             raise InferenceError(f"{where}: unknown category {cat!r} (expected one of {CATEGORIES})")
         seg = row.get("text_segment")
@@ -206,16 +218,16 @@ def load_test_index(data_path: str | os.PathLike, task: str = "flickr30k") -> Te
         names.append(name)
         image_cats.append(cat)
     if not names:
-        raise _stale(data_path, f"{files['images']} lists no image")
+        raise stale(f"{files['images']} lists no image")
     absent = [nm for nm in names if not (image_dir / nm).is_file()]
     if absent:
-        raise _stale(data_path, f"{len(absent)} indexed image(s) missing from {image_dir} (first: {absent[0]})")
+        raise stale(f"{len(absent)} indexed image(s) missing from {image_dir} (first: {absent[0]})")
     if image_dir.is_dir():
         extra = sum(1 for p in image_dir.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in seen)
         if extra:
             log.warning("%s holds %d file(s) that are not in the test index (unusable images, or added after "
                         "jsonl_test.py ran); they are not ranked", image_dir, extra)
-    return TestIndex(texts, categories, segments, image_dir, names, image_cats)
+    return TestIndex(texts, categories, segments, image_dir, names, image_cats, text_file)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -674,7 +686,7 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
             raise InferenceError(
                 f"query {i + 1} ({text!r}): its token ids in the test index were made with another sentencepiece "
                 f"model than {cfg.sentencepiece_model}; re-run "
-                f"`{_index_command(cfg.data_path, cfg.sentencepiece_model)}`")
+                f"`{_index_command(cfg.data_path, cfg.sentencepiece_model, index.text_file)}`")
     present = [c for c in CATEGORIES if index.queries_of(c)]
     counts = {c: len(index.queries_of(c)) for c in CATEGORIES}
     log.info("%d queries (%s), %d gallery images; device %s, %s", len(index.texts),
