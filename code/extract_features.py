@@ -2,8 +2,9 @@
 
 Reads: an image folder (``--images``) and/or a text file with one text per line (``--texts``).
 Writes: one ``.npz`` (``--out``) with ``image_names``, ``image_features``, ``texts``, ``text_features`` (float32,
-L2-normalised; cosine similarity = dot product). Unreadable images and empty text lines are reported by name / line
-and left out; the rest is still written. Image features go through a cache (``--cache_dir``, shared with
+L2-normalised; cosine similarity = dot product). Unreadable images, and empty or undecodable text lines, are
+reported by name / line and left out; the rest is still written. Images get the official eval transform (no side
+padding unless ``--pad``; ``search.py`` and ``infer.py`` default to the padding a people checkpoint was validated with). Image features go through a cache (``--cache_dir``, shared with
 ``search.py``; progress saved every minute): a repeated or interrupted run encodes only new, changed or not yet
 encoded images. With ``--detect`` (camera frames) there is one row per detected person or vehicle: ``image_names``
 holds its frame, and ``boxes`` (x1, y1, x2, y2 in frame pixels), ``categories`` and ``det_scores`` say which object.
@@ -24,13 +25,14 @@ import numpy as np
 
 from traffic_retrieval import runtime
 from traffic_retrieval.categories import CATEGORIES
-from traffic_retrieval.checkpoint import CheckpointError, load_weights, resolve_checkpoint_path
+from traffic_retrieval.checkpoint import CheckpointError, resolve_checkpoint_path
 from traffic_retrieval.crops import add_detection_arguments, check_detection_arguments, detect_crops_from_args
 from traffic_retrieval.detection import DetectorError
 from traffic_retrieval.encoding import encode_texts
 from traffic_retrieval.fileio import atomic_open
-from traffic_retrieval.inference import FeatureSpec
-from traffic_retrieval.modeling import create_model, list_models
+from traffic_retrieval.inference import FeatureSpec, load_model
+from traffic_retrieval.labels import LineProblem, decode_line, printable_line, raw_lines
+from traffic_retrieval.modeling import list_models
 from traffic_retrieval.precision import PRECISIONS, default_precision
 from traffic_retrieval.search import default_cache_dir, encode_crops, encode_folder, folder_images
 from traffic_retrieval.tokenizer import Tokenizer
@@ -46,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", help="folder of images to encode")
     p.add_argument("--texts", help="text file, one text per line")
     p.add_argument("--input_size", type=int, default=None, help="image side (default: the model's)")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64, help="images per batch (default: %(default)s)")
+    p.add_argument("--pad", type=int, default=0,
+                   help="black pixels padded left and right of each image before resizing (default: %(default)s, the "
+                        "official eval transform)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--num_workers", type=int, default=0)
@@ -62,19 +67,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --images, --texts or both")
     if args.detect and not args.images:
         p.error("--detect needs --images")
+    if args.batch_size < 1 or (args.input_size is not None and args.input_size < 1):
+        p.error("--batch_size and --input_size must be positive")
+    if args.pad < 0:
+        p.error("--pad must be >= 0")
     check_detection_arguments(p, args)
     return args
 
 
-def read_text_lines(path: Path) -> tuple[list[str], list[int]]:
-    """Non-empty lines of a text file, and the 1-based numbers of the empty ones (reported, not fatal)."""
-    texts, empty = [], []
-    raw = path.read_bytes().decode("utf-8-sig", errors="replace").splitlines()
-    while raw and not raw[-1].strip():
-        raw.pop()  # trailing blank lines are not texts
-    for i, line in enumerate(raw, 1):
-        (texts.append(line) if line.strip() else empty.append(i))
-    return texts, empty
+def read_text_lines(path: Path) -> tuple[list[str], list[LineProblem]]:
+    """The texts of a file, one per line (only the line end removed), and the lines left out: blank, or not UTF-8.
+    Split on LF only, like every text file of the project: U+2028 or a form feed inside a text does not split it."""
+    texts, skipped = [], []
+    for i, raw in enumerate(raw_lines(path, "text file"), start=1):
+        text = decode_line(raw)
+        if text is None:
+            skipped.append(LineProblem(str(path), i, "not valid UTF-8", printable_line(raw)))
+        elif not text.strip():
+            skipped.append(LineProblem(str(path), i, "empty line", text))
+        else:
+            texts.append(text)
+    return texts, skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,20 +96,27 @@ def main(argv: list[str] | None = None) -> None:
     device = runtime.resolve_device(args.device)
     precision = args.precision or default_precision(device)
 
-    model = create_model(args.model, img_size=args.input_size)
+    # Everything that can be wrong with the input fails here, before the weights are read and the images encoded.
+    texts: list[str] = []
+    tokenizer = None
     try:
+        if args.texts:
+            texts, skipped = read_text_lines(Path(args.texts))
+            for problem in skipped:
+                log.warning("%s, skipped", problem)
+            tokenizer = Tokenizer(args.sentencepiece_model)
         if args.images:
-            folder_images(args.images)  # a missing or empty folder fails before the weights are read
+            folder_images(args.images)
         ckpt = resolve_checkpoint_path(args.finetune)
-        load_weights(model, ckpt)
+        model, _ = load_model(args.model, ckpt, device, args.input_size, tokenizer.vocab_size if tokenizer else None,
+                              what=f"--finetune {ckpt}")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    model.to(device).eval()
 
     out: dict[str, np.ndarray] = {}
     dim = model.cfg.embed_dim
     if args.images:
-        spec = FeatureSpec.create(ckpt, args.model, model.cfg.img_size, precision)
+        spec = FeatureSpec.create(ckpt, args.model, model.cfg.img_size, precision, args.pad)
         opts = dict(use_cache=not args.no_cache, batch_size=args.batch_size, device=device,
                     num_workers=args.num_workers)
         if args.detect:
@@ -122,17 +142,10 @@ def main(argv: list[str] | None = None) -> None:
                  len(res.failed))
     else:
         out["image_names"], out["image_features"] = np.array([], dtype=str), np.zeros((0, dim), np.float32)
-    if args.texts:
-        texts, empty = read_text_lines(Path(args.texts))
-        for n in empty:
-            log.warning("%s:%d: empty line, skipped", args.texts, n)
-        try:
-            tokenizer = Tokenizer(args.sentencepiece_model)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}") from None
+    if tokenizer is not None:
         feats = encode_texts(model, tokenizer, texts, batch_size=args.batch_size * 4, device=device, precision=precision)
         out["texts"], out["text_features"] = np.array(texts, dtype=str), feats.numpy().astype(np.float32)
-        log.info("encoded %d texts (%d empty lines skipped)", len(texts), len(empty))
+        log.info("encoded %d texts (%d lines skipped)", len(texts), len(skipped))
     else:
         out["texts"], out["text_features"] = np.array([], dtype=str), np.zeros((0, dim), np.float32)
 

@@ -63,6 +63,22 @@ def test_deepspeed_layout_with_pickled_args(tmp_path):
     assert all(torch.equal(fresh.state_dict()[k], ref[k].half().float()) for k in ref)
 
 
+def test_a_plain_training_run_resolves_like_a_deepspeed_one(tmp_path):
+    run = tmp_path / "pt_out_car"
+    run.mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint-\\*.pth"):
+        resolve_checkpoint_path(run)
+    for name in ("checkpoint-best.pth", "checkpoint-2.pth", "checkpoint-10.pth", "notes.pth"):
+        torch.save({"model": {}}, run / name)
+    assert resolve_checkpoint_path(run) == run / "checkpoint-10.pth"  # the newest, numerically
+    assert resolve_checkpoint_path(run / "checkpoint-best") == run / "checkpoint-best.pth"  # the tag name works too
+    for name in ("checkpoint-2.pth", "checkpoint-10.pth"):
+        (run / name).unlink()
+    assert resolve_checkpoint_path(run) == run / "checkpoint-best.pth"
+    with pytest.raises(FileNotFoundError, match="neither .*checkpoint-7 nor .*checkpoint-7.pth exists"):
+        resolve_checkpoint_path(run / "checkpoint-7")
+
+
 def test_ddp_prefix_is_stripped(tmp_path):
     model = create_model(NANO)
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pth")

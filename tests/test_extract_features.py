@@ -63,6 +63,29 @@ def test_wrong_checkpoint_is_a_clear_error(setup, tiny_spm, load_script):
     assert not (tmp / "x.npz").exists()
 
 
+def test_texts_split_on_line_feeds_only_and_bad_input_fails_before_encoding(setup, tiny_spm, load_script, caplog,
+                                                                             monkeypatch):
+    import traffic_retrieval.inference as inference
+
+    _, tmp = setup
+    main = load_script("extract_features")["main"]
+    texts = tmp / "t.txt"
+    texts.write_bytes("A white Audi.\u2028continued\x0b here\n".encode() + b"bad \xff byte\nA man.\n")
+    common = ["--model", "beit3_nano_patch16_32", "--finetune", str(tmp / "ckpt.pth"), "--sentencepiece_model",
+              str(tiny_spm), "--device", "cpu", "--out", str(tmp / "t.npz")]
+    main([*common, "--texts", str(texts)])
+    assert np.load(tmp / "t.npz")["texts"].tolist() == ["A white Audi.\u2028continued\x0b here", "A man."]
+    assert f"{texts}:2: not valid UTF-8" in caplog.text
+
+    monkeypatch.setattr(inference, "encode_images", lambda *a, **k: pytest.fail("encoded images before the error"))
+    for bad, expected in ((["--texts", str(tmp / "nope.txt")], "text file not found"),
+                          (["--texts", str(texts), "--sentencepiece_model", str(tmp / "nope.spm")], "nope.spm")):
+        with pytest.raises(SystemExit, match=expected):
+            main([*common, "--images", str(tmp / "imgs"), *bad])
+    with pytest.raises(SystemExit):
+        main([*common, "--images", str(tmp / "imgs"), "--batch_size", "0"])
+
+
 def test_image_features_are_cached(setup, tiny_spm, load_script, monkeypatch):
     """A rerun reads the cache (shared with search.py, next to the folder) and encodes only a new image."""
     import traffic_retrieval.inference as inference

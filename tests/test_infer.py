@@ -366,6 +366,34 @@ def test_plain_checkpoint_best_pth_is_found(test_dir, infer, checkpoints, tmp_pa
     assert len(_results(tmp_path / "out" / "infer_json_all.json")) == 16
 
 
+def test_a_model_encoding_at_another_size_than_it_was_trained_warns(tmp_path, caplog):
+    path = tmp_path / "run.pth"
+    torch.save({"model": create_model(MODEL).state_dict(), "args": {"model": {"model": MODEL, "input_size": None}}},
+               path)
+    assert inference.trained_for(torch.load(path)).input_size == 32  # None: the model's own size
+    inference.load_model(MODEL, path, torch.device("cpu"), 32)
+    assert "trained on" not in caplog.text
+    model, _ = inference.load_model(MODEL, path, torch.device("cpu"), 64, what="--finetune_car run.pth")
+    assert model.cfg.img_size == 64
+    assert "--finetune_car run.pth was trained on 32 px images but encodes 64 px ones" in caplog.text
+    assert inference.trained_for({"args": {"model": {"model": "beit3_future_model"}}}).input_size is None
+
+
+def test_infer_sh_builds_the_infer_py_command(tmp_path):
+    def command(**env: str) -> str:
+        run = subprocess.run(["bash", str(REPO / "code" / "infer.sh"), "--eval"], cwd=tmp_path, text=True,
+                             capture_output=True, check=True, env={**os.environ, "PYTHON": "echo", **env})
+        return run.stdout.strip()
+
+    default = command()
+    assert default.startswith("code/infer.py --model beit3_large_patch16_384 --task flickr30k")
+    assert "--input_size" not in default and default.endswith("--output_dir code --eval")  # the model's own size
+    assert "--input_size 224 " in command(INPUT_SIZE="224")
+    assert "--finetune_car a.pth b.pth --finetune_people" in command(CKPT_CAR="a.pth b.pth")
+    two = command(NGPU="2")
+    assert two.startswith("-m torch.distributed.run --nproc_per_node=2 code/infer.py") and two.endswith("--dist_eval --eval")
+
+
 def test_fp16_on_cpu_fails_fast(test_dir, infer, tmp_path):
     msg = _error(infer, test_dir, tmp_path / "out", "--precision", "fp16")
     assert "fp16 is not supported on cpu" in msg and not (tmp_path / "out").exists()
@@ -375,6 +403,24 @@ def test_eval_without_ground_truth(test_dir, infer, tmp_path):
     msg = _error(infer, test_dir, tmp_path / "out", "--eval", "--gt", str(tmp_path / "nope.txt"))
     assert "--eval needs the ground truth" in msg and "nope.txt" in msg
     assert not (tmp_path / "out").exists()  # failed before any work
+
+
+def test_ground_truth_is_checked_before_any_work(test_dir, infer, tmp_path):
+    rows = read_ground_truth(test_dir / "test_gt.txt")
+    rows[0], rows[1] = rows[1], rows[0]
+    gt = tmp_path / "gt.txt"
+    gt.write_text("".join("$".join([t, *names]) + "\n" for t, names in rows))
+    msg = _error(infer, test_dir, tmp_path / "out", "--eval", "--gt", str(gt))
+    assert "--eval: The order of texts is wrong: index 0" in msg
+    assert not (tmp_path / "out").exists()  # nothing encoded
+
+
+def test_metrics_of_an_earlier_submission_do_not_survive(test_dir, infer, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "infer_metrics.json").write_text('{"official_map10": 0.99}')
+    infer(test_dir, out, "--no_cache")
+    assert (out / "infer_json_all.json").is_file() and not (out / "infer_metrics.json").exists()
 
 
 def test_bad_results_files_get_clear_messages(test_dir, infer, load_script, tmp_path, capsys):

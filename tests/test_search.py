@@ -234,6 +234,15 @@ def test_default_cache_dir(images, search, tmp_path):
     assert len(list((images.parent / ".search_cache").glob("gallery_photos_*.pt"))) == 1
 
 
+def test_the_best_checkpoint_of_a_plain_training_run_by_its_tag_name(images, search, ckpt, tmp_path):
+    run = tmp_path / "pt_out_car"
+    run.mkdir()
+    shutil.copy(ckpt, run / "checkpoint-best.pth")  # what run_beit3_finetuning.py writes without DeepSpeed
+    by_tag = search(images, "--query", "A white Audi Sedan.", "--finetune", str(run / "checkpoint-best"), "--no_cache")
+    by_file = search(images, "--query", "A white Audi Sedan.", "--no_cache")
+    assert [h.name for h in by_tag[0].hits] == [h.name for h in by_file[0].hits]
+
+
 def test_query_without_ground_truth_has_no_marks(tiny_dataset, images, search, tmp_path, capsys):
     results = search(images, "--query", "A purple unicorn.", "--gt", str(tiny_dataset / "test" / "test_gt.txt"),
                      "--html", str(tmp_path / "p.html"), "--k", "3")

@@ -39,22 +39,36 @@ class CheckpointError(RuntimeError):
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a DeepSpeed tag directory / run directory that holds one (the newest numbered tag,
-    else ``checkpoint-best``)."""
+    """A checkpoint file; a DeepSpeed tag directory; a training run directory (its newest numbered checkpoint, else
+    ``checkpoint-best``; DeepSpeed tags or plain ``.pth`` files); or a tag name such as ``<run>/checkpoint-best``
+    whose plain-training file is ``<run>/checkpoint-best.pth``. So one path works for both kinds of run.
+
+    Raises:
+        FileNotFoundError: nothing there (the message names what was tried).
+        CheckpointError: a directory that holds no checkpoint.
+    """
     p = Path(path)
     if p.is_dir():
         direct = p / DEEPSPEED_MODEL_FILE
         if direct.is_file():
             return direct
-        tags = numbered_checkpoints(p, deepspeed=True)
-        if tags:
-            return tags[max(tags)] / DEEPSPEED_MODEL_FILE
-        if (p / "checkpoint-best" / DEEPSPEED_MODEL_FILE).is_file():
-            return p / "checkpoint-best" / DEEPSPEED_MODEL_FILE
-        raise CheckpointError(f"{p} is a directory without {DEEPSPEED_MODEL_FILE} or checkpoint-*/{DEEPSPEED_MODEL_FILE}")
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    return p
+        for deepspeed in (True, False):
+            tags = numbered_checkpoints(p, deepspeed=deepspeed)
+            if tags:
+                newest = tags[max(tags)]
+                return newest / DEEPSPEED_MODEL_FILE if deepspeed else newest
+        for best in (p / "checkpoint-best" / DEEPSPEED_MODEL_FILE, p / "checkpoint-best.pth"):
+            if best.is_file():
+                return best
+        raise CheckpointError(f"{p} is a directory without {DEEPSPEED_MODEL_FILE}, checkpoint-*/{DEEPSPEED_MODEL_FILE} "
+                              "or checkpoint-*.pth")
+    if p.is_file():
+        return p
+    plain = p.with_name(p.name + ".pth")
+    if not p.suffix and plain.is_file():
+        return plain
+    tried = f"neither {p} nor {plain} exists" if not p.suffix else f"{p} does not exist"
+    raise FileNotFoundError(f"checkpoint not found: {tried}")
 
 
 def numbered_checkpoints(run_dir: str | os.PathLike, deepspeed: bool) -> dict[int, Path]:

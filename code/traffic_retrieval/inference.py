@@ -36,6 +36,7 @@ in order, so the result equals a single-process run; rank 0 ranks and writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,8 +64,8 @@ from .encoding import ImageFeatures, encode_images, encode_token_batches
 from .fileio import file_stamp, torch_save, write_json
 from .indexing import DEFAULT_TEXT_FILE, TEST_IMAGE_DIR
 from .labels import read_ground_truth, read_test_text
-from .metrics import score_results
-from .modeling import BEiT3Retrieval, compile_layers, create_model
+from .metrics import check_order, score_results
+from .modeling import BEiT3Retrieval, compile_layers, create_model, get_config
 from .precision import default_precision, get_autocast
 from .retrieval import FaissIndex, topk_similarity
 from .runtime import resolve_device
@@ -232,24 +233,20 @@ def load_test_index(data_path: str | os.PathLike, task: str = "flickr30k") -> Te
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def find_checkpoint(path: str | os.PathLike, category: str) -> Path:
-    """The checkpoint file of ``category``'s model: a file, a DeepSpeed tag directory holding
-    ``mp_rank_00_model_states.pt``, or ``<path>.pth`` (the plain-training variant of a ``checkpoint-best`` tag).
+    """The checkpoint file of ``category``'s model (see :func:`~traffic_retrieval.checkpoint.resolve_checkpoint_path`:
+    a file, a DeepSpeed tag directory, a run directory, or ``<run>/checkpoint-best`` of a plain-training run).
 
     Raises:
         InferenceError: none of them exists; the message names the flag to pass.
     """
-    p = Path(path)
     flag = f"--finetune_{category}"
-    candidates = [p] if p.suffix else [p, p.with_name(p.name + ".pth")]
-    for c in candidates:
-        if c.exists():
-            try:
-                return resolve_checkpoint_path(c)
-            except (CheckpointError, FileNotFoundError) as e:
-                raise InferenceError(f"checkpoint of the {category!r} model ({flag}): {e}") from None
-    tried = " nor ".join(str(c) for c in candidates)
-    raise InferenceError(f"checkpoint of the {category!r} model not found: neither {tried} exists; "
-                         f"train it or pass {flag} PATH (a .pth file or a DeepSpeed checkpoint directory)")
+    try:
+        return resolve_checkpoint_path(path)
+    except FileNotFoundError as e:
+        raise InferenceError(f"{e} (the {category!r} model); train it or pass {flag} PATH (a .pth file or a "
+                             "DeepSpeed checkpoint directory)") from None
+    except CheckpointError as e:
+        raise InferenceError(f"checkpoint of the {category!r} model ({flag}): {e}") from None
 
 
 def resolve_members(paths: str | os.PathLike | Sequence[str | os.PathLike] | None, category: str,
@@ -311,16 +308,27 @@ class TrainedFor:
 
     category: str | None = None  # the category it was fine-tuned on
     eval_pad: int | None = None  # side padding of its validation transform (people_pad for people, else 0)
+    input_size: int | None = None  # image side it was trained at
 
 
 def trained_for(obj: Any) -> TrainedFor:
     """Read :class:`TrainedFor` from a loaded checkpoint; unknown fields stay None (e.g. the official release)."""
     args = obj.get("args") if isinstance(obj, Mapping) else None
-    data = args.get("data") if isinstance(args, Mapping) else None
-    if not isinstance(data, Mapping) or data.get("category") not in CATEGORIES:
+    if not isinstance(args, Mapping):
         return TrainedFor()
+    size = None
+    model = args.get("model")
+    if isinstance(model, Mapping):
+        size = model.get("input_size")
+        if size is None and isinstance(model.get("model"), str):
+            with contextlib.suppress(ValueError):  # a model name this version does not know: size unknown
+                size = get_config(model["model"]).img_size
+    size = size if isinstance(size, int) and size > 0 else None
+    data = args.get("data")
+    if not isinstance(data, Mapping) or data.get("category") not in CATEGORIES:
+        return TrainedFor(input_size=size)
     pad = data.get("people_pad") if data["category"] == "people" else 0
-    return TrainedFor(data["category"], pad if isinstance(pad, int) and pad >= 0 else None)
+    return TrainedFor(data["category"], pad if isinstance(pad, int) and pad >= 0 else None, size)
 
 
 def load_model(name: str, checkpoint: str | os.PathLike, device: torch.device, input_size: int | None = None,
@@ -342,7 +350,12 @@ def load_model(name: str, checkpoint: str | os.PathLike, device: torch.device, i
     if vocab_needed is not None and vocab_needed > model.cfg.vocab_size:
         raise InferenceError(f"{what}: the tokenizer emits ids up to {vocab_needed - 1} but {name} has only "
                              f"{model.cfg.vocab_size} text embeddings (wrong --sentencepiece_model or --model?)")
-    return model.eval(), trained_for(obj)
+    trained = trained_for(obj)
+    if trained.input_size is not None and trained.input_size != model.cfg.img_size:
+        log.warning("%s was trained on %d px images but encodes %d px ones (its position embeddings are "
+                    "interpolated); pass --input_size %d unless that is what you want", what, trained.input_size,
+                    model.cfg.img_size, trained.input_size)
+    return model.eval(), trained
 
 
 def resolve_pad(requested: int | None, trained: TrainedFor, what: str) -> int:
@@ -687,6 +700,10 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
                 f"query {i + 1} ({text!r}): its token ids in the test index were made with another sentencepiece "
                 f"model than {cfg.sentencepiece_model}; re-run "
                 f"`{_index_command(cfg.data_path, cfg.sentencepiece_model, index.text_file)}`")
+    gt = None
+    if cfg.evaluate:  # read and order-check the ground truth now, not after hours of encoding
+        gt = read_ground_truth(gt_path)
+        check_order(index.texts, [t for t, _ in gt])
     present = [c for c in CATEGORIES if index.queries_of(c)]
     counts = {c: len(index.queries_of(c)) for c in CATEGORIES}
     log.info("%d queries (%s), %d gallery images; device %s, %s", len(index.texts),
@@ -747,18 +764,20 @@ def run_inference(cfg: InferConfig) -> dict[str, Any]:
         q_idx = index.queries_of(c)
         write_submission(outputs[c], [(index.texts[i], ranked[i]) for i in q_idx],
                          [index.texts[i] for i in q_idx], gallery_names, cfg.k)
-    texts = read_test_text(Path(cfg.data_path) / "test_text.txt")  # the final check is against the file itself
+    texts = read_test_text(Path(cfg.data_path) / index.text_file)  # the final check is against the file itself
     results = [(index.texts[i], ranked[i]) for i in range(len(index.texts))]
     write_submission(outputs["all"], results, texts, gallery_names, cfg.k)
     timings["write"] = time.perf_counter() - t0
     summary["outputs"] = {k: str(v) for k, v in outputs.items()}
 
-    if cfg.evaluate:
-        gt = read_ground_truth(gt_path)
+    metrics_path = Path(cfg.output_dir) / "infer_metrics.json"
+    if gt is not None:
         metrics = score_results(results, gt, index.categories)
-        write_json(Path(cfg.output_dir) / "infer_metrics.json", {"results": str(outputs["all"]), "gt": str(gt_path),
-                                                                 **metrics}, indent=1)
+        write_json(metrics_path, {"results": str(outputs["all"]), "gt": str(gt_path), **metrics}, indent=1)
         summary["metrics"] = metrics
+    elif metrics_path.exists():  # the scores of an earlier run's submission must not sit next to this one
+        metrics_path.unlink()
+        log.info("removed %s: it scored an earlier run's submission", metrics_path)
     timings["total"] = time.perf_counter() - t_start
     log.info("timings (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     barrier()
