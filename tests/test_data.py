@@ -201,3 +201,94 @@ def test_resize_train_crop_keeps_the_whole_image() -> None:
     assert out.shape == (3, 32, 32)
     # identical up to the random horizontal flip (the image is symmetric left-right)
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_people_crop_is_the_4th_place_random_resized_crop() -> None:
+    """CentreBiasedCrop.get_params as the 4th place's XCenterResizeCropAndInterpolation: area 0.5 to 1, aspect ratio
+    log-uniform in [3/4, 4/3], vertical offset uniform, horizontal offset Binomial(W - w, 0.5), centre fallback."""
+    import random
+
+    import numpy as np
+
+    from traffic_retrieval.transforms import CentreBiasedCrop, train_transform
+
+    random.seed(0)
+    np.random.seed(0)
+    width, height = 240, 300  # a padded pedestrian crop
+    top, left, h, w = np.array([CentreBiasedCrop.get_params(width, height, (0.5, 1.0), (3 / 4, 4 / 3))
+                                for _ in range(4000)], dtype=float).T
+    ratio, area = w / h, w * h / (width * height)
+    assert ratio.min() >= 0.74 and ratio.max() <= 1.34  # within [3/4, 4/3] up to rounding to whole pixels
+    assert ratio.min() < 0.8 and ratio.max() > 1.25  # the ratio is drawn, not the image's own (0.8)
+    assert area.min() >= 0.49 and area.max() <= 1.0
+    assert (top >= 0).all() and (top + h <= height).all() and (left >= 0).all() and (left + w <= width).all()
+    room = height - h > 20  # where a vertical position is meaningful
+    u = top[room] / (height - h[room])
+    assert abs(u.mean() - 0.5) < 0.02 and abs(u.var() - 1 / 12) < 0.006  # uniform: variance 1/12
+    assert np.allclose(np.histogram(u, bins=5, range=(0, 1))[0] / room.sum(), 0.2, atol=0.03)
+    n = width - w  # Binomial(n, 0.5): mean n/2, variance n/4, so the standardised offset has mean 0, variance 1
+    z = (left[n > 0] - n[n > 0] / 2) / np.sqrt(n[n > 0] / 4)
+    assert abs(z.mean()) < 0.1 and 0.9 < z.var() < 1.1
+    # no candidate fits a 100:1 image: the largest centred crop of ratio 4/3 (3/4 for the tall one)
+    assert CentreBiasedCrop.get_params(1000, 10, (0.5, 1.0), (3 / 4, 4 / 3)) == (0, 493, 10, 13)
+    assert CentreBiasedCrop.get_params(10, 1000, (0.5, 1.0), (3 / 4, 4 / 3)) == (493, 0, 13, 10)
+
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 30, 3), dtype=np.uint8))
+    t = train_transform(32, crop="people", people_pad=7)
+
+    def draw(seed: int) -> torch.Tensor:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return t(img)
+
+    assert draw(1).shape == (3, 32, 32) and torch.equal(draw(1), draw(1))  # reproducible under the seeding
+
+
+def _bilinear(src, source_of, fill: float = 128.0):
+    """``out[y, x]`` = ``src`` sampled bilinearly at ``source_of(x, y)`` (pixel centres at integer coordinates),
+    ``fill`` outside: what cv2.warpAffine computes, written out independently."""
+    import numpy as np
+
+    h, w, c = src.shape
+    padded = np.full((h + 4, w + 4, c), fill)
+    padded[2:-2, 2:-2] = src
+    ys, xs = np.mgrid[0:h, 0:w].astype(float)
+    sx, sy = source_of(xs, ys)
+    inside = (sx > -1) & (sx < w) & (sy > -1) & (sy < h)
+    sx, sy = np.where(inside, sx, 0.0), np.where(inside, sy, 0.0)
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+    x0, y0 = x0 + 2, y0 + 2
+    out = (padded[y0, x0] * (1 - fx) * (1 - fy) + padded[y0, x0 + 1] * fx * (1 - fy)
+           + padded[y0 + 1, x0] * (1 - fx) * fy + padded[y0 + 1, x0 + 1] * fx * fy)
+    return np.where(inside[..., None], out, fill)
+
+
+@pytest.mark.parametrize("op", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"])
+def test_randaug_geometry_is_the_official_warp(op: str) -> None:
+    """beit3/randaug.py at magnitude 7: cv2.warpAffine, bilinear, grey fill, with forward matrices ShearX
+    [[1, 0.21, 0], [0, 1, 0]] (about the top-left pixel, not the centre), TranslateX [[1, 0, -7], [0, 1, 0]] and
+    cv2.getRotationMatrix2D((W/2, H/2), 21, 1); each output pixel samples the inverse map."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from traffic_retrieval.transforms import RandAugment
+
+    src = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)  # noise: nearest would be far off
+    h, w = src.shape[:2]
+    f, cos, sin, cx, cy = 0.21, math.cos(math.radians(21)), math.sin(math.radians(21)), w / 2, h / 2
+    source_of = {
+        "ShearX": lambda x, y: (x - f * y, y),
+        "ShearY": lambda x, y: (x, y - f * x),
+        "TranslateX": lambda x, y: (x + 7, y),
+        "TranslateY": lambda x, y: (x, y + 7),
+        "Rotate": lambda x, y: (cx + cos * (x - cx) - sin * (y - cy), cy + sin * (x - cx) + cos * (y - cy)),
+    }[op]
+    got = np.asarray(RandAugment(2, 7)._apply(Image.fromarray(src), op, sign=1.0)).astype(float)
+    assert got.shape == src.shape
+    assert np.abs(got - _bilinear(src.astype(float), source_of)).max() <= 1.0  # cv2 rounds to whole levels

@@ -169,3 +169,44 @@ def test_train_tokenizer(tiny_dataset: Path, tmp_path: Path, load_script) -> Non
         assert ids and UNK_ID not in ids and tok.decode(ids) == q
     with pytest.raises(SystemExit, match="text file not found"):
         main(["--labels", str(tmp_path / "nope.txt"), "--out", str(out)])
+    # fewer pieces than distinct characters: sentencepiece's own error, as one line and not a traceback
+    with pytest.raises(SystemExit, match=r"train_tokenizer: .*vocab_size 20.*smaller than required_chars") as err:
+        main(["--labels", str(labels), "--out", str(tmp_path / "small.spm"), "--vocab_size", "20"])
+    assert "\n" not in str(err.value.code) and not (tmp_path / "small.spm").exists()
+
+
+def test_caption_without_tokens_is_an_error(dataset_copy: Path, tiny_spm: Path, script) -> None:
+    """A caption of characters sentencepiece normalises away passes the label reader but would give an empty
+    text_segment, which training rejects: it is reported as file:line before anything is written."""
+    train_dir = dataset_copy / "train"
+    cleaned = fake_cleaning(train_dir)
+    assert Tokenizer(tiny_spm).encode("\u200b\u200b") == []
+    path = train_dir / "fliter_val_labels.txt"
+    recs = cleaned["val"]
+    recs[2] = LabelRecord(recs[2].name, recs[2].attribute, "\u200b\u200b")
+    write_label_file(path, recs)
+    msg = _error(script, train_dir, tiny_spm)
+    assert f"{path}:3: caption has no tokens" in msg
+    assert not list(train_dir.glob("*.jsonl")) and not list(train_dir.glob("*_car.json"))  # nothing half-written
+
+
+def test_empty_category_hint_names_the_categories_of_every_split(dataset_copy: Path, tiny_spm: Path,
+                                                                 script) -> None:
+    train_dir = dataset_copy / "train"
+    fake_cleaning(train_dir, splits=("train",))  # train has both categories
+    fake_cleaning(train_dir, splits=("val",), categories=("car",))  # val only cars
+    msg = _error(script, train_dir, tiny_spm)
+    assert "no 'people' image in" in msg and "fliter_val_labels.txt" in msg
+    assert "categories present in every split: ['car']" in msg  # not the union ['car', 'people']
+    (train_dir / "fliter_train_labels.txt").write_bytes(
+        b"".join(line for line in (train_dir / "fliter_train_labels.txt").read_bytes().splitlines(True)
+                 if line.startswith(b"people_")))  # train only people: nothing is in both
+    assert "no category has images in every split" in _error(script, train_dir, tiny_spm)
+
+
+def test_missing_image_folder_is_named(dataset_copy: Path, tiny_spm: Path, script) -> None:
+    train_dir = dataset_copy / "train"
+    fake_cleaning(train_dir)
+    (train_dir / "val_images").rename(train_dir / "val_images_moved")
+    msg = _error(script, train_dir, tiny_spm)
+    assert f"image folder not found: {train_dir / 'val_images'}" in msg and "is missing" not in msg

@@ -77,3 +77,6 @@ def test_errors(tmp_path):
         Tokenizer(bad)
     with pytest.raises(ValueError, match="empty"):
         train_sentencepiece(["", "  "], tmp_path / "e.spm")
+    with pytest.raises(ValueError, match="vocab_size 20 on 210 text.*smaller than required_chars"):
+        train_sentencepiece(CAPTIONS, tmp_path / "small.spm", vocab_size=20)  # fewer pieces than characters
+    assert not (tmp_path / "small.spm").exists()

@@ -139,18 +139,23 @@ def jsonl_rows(karpathy: Mapping[str, Any], tokenizer: Tokenizer) -> list[dict[s
 
 # ------------------------------------------------------------------------------------------------ train / val
 def read_cleaned_labels(
-    data_path: str | os.PathLike, split: str, check_images: bool = False
+    data_path: str | os.PathLike, split: str, check_images: bool = False, tokenizer: Tokenizer | None = None
 ) -> dict[str, list[LabelRecord]]:
     """Read ``fliter_<split>_labels.txt`` and split it by the category coded in each name.
 
+    With ``tokenizer``, a caption that encodes to no token at all (only characters sentencepiece normalises away,
+    such as U+200B) is a problem too: training cannot use an empty text.
+
     Raises:
-        FileNotFoundError: the label file is missing.
-        IndexBuildError: bad lines, names without a category code, or image files that are missing (or unreadable,
-            with ``check_images``); the message lists them as ``file:line: problem``.
+        FileNotFoundError: the label file or the ``<split>_images`` folder is missing.
+        IndexBuildError: bad lines, names without a category code, captions without tokens, or image files that are
+            missing (or unreadable, with ``check_images``); the message lists them as ``file:line: problem``.
     """
     path = cleaned_label_path(data_path, split)
     records, problems = read_label_file(path)
     image_dir = Path(data_path) / f"{split}_images"
+    if records and not image_dir.is_dir():  # else every line would be reported as a missing image
+        raise FileNotFoundError(f"image folder not found: {image_dir} (the images of {path})")
     by_category: dict[str, list[LabelRecord]] = {c: [] for c in CATEGORIES}
     mismatched = 0
     items = tqdm(records, desc=f"check {split} images", unit="img", disable=not check_images or len(records) < 500)
@@ -159,6 +164,9 @@ def read_cleaned_labels(
             category, _ = split_coded_name(r.name)
         except ValueError as e:
             problems.append(LineProblem(str(path), r.line_no, str(e), r.to_line()))
+            continue
+        if tokenizer is not None and not tokenizer.encode(r.caption):
+            problems.append(LineProblem(str(path), r.line_no, "caption has no tokens", r.to_line()))
             continue
         image = image_dir / r.name
         reason = check_image(image) if check_images else (None if image.exists() else "missing")
@@ -198,12 +206,13 @@ def build_flickr30k_indexes(
     for c in categories:
         if c not in CATEGORIES:
             raise IndexBuildError(f"unknown category {c!r}; expected some of {CATEGORIES}")
-    data = {split: read_cleaned_labels(data_path, split, check_images) for split in splits}
+    data = {split: read_cleaned_labels(data_path, split, check_images, tokenizer) for split in splits}
     empty = [(split, c) for split in splits for c in categories if not data[split][c]]
     if empty:
-        present = sorted({c for split in splits for c in CATEGORIES if data[split][c]})
+        present = [c for c in CATEGORIES if all(data[split][c] for split in splits)]
         what = ", ".join(f"no '{c}' image in {cleaned_label_path(data_path, split)}" for split, c in empty)
-        hint = f"; categories present in every split: {present}" if present else ""
+        hint = (f"; categories present in every split: {present}" if present
+                else "; no category has images in every split")
         raise IndexBuildError(
             f"empty category/split: {what}{hint}. Pass --categories with only the categories you have."
         )

@@ -113,6 +113,10 @@ def train_sentencepiece(
     synthetic captions a unigram model collapsed to about 130 mostly single-character pieces, BPE with 400 did not.
     The spm model reserves ids 0-2 for ``<unk>``, ``<s>``, ``</s>`` as beit3.spm does; the fairseq scheme adds its own
     ``<pad>``.
+
+    Raises:
+        ValueError: no text, or sentencepiece cannot train on them (e.g. ``vocab_size`` below the number of distinct
+            characters); the message gives sentencepiece's reason.
     """
     lines = [t.strip() for t in texts if t and t.strip()]
     if not lines:
@@ -123,21 +127,26 @@ def train_sentencepiece(
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
         prefix = Path(tmp) / "spm"
-        spm.SentencePieceTrainer.Train(
-            input=str(corpus),
-            model_prefix=str(prefix),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=1.0,
-            # XLM-R's layout: spm ids 0-2 are <unk>, <s>, </s>, so that after the fairseq +1 shift real pieces start
-            # at id 4 and never collide with the fairseq specials (pad 1, eos 2, unk 3).
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            hard_vocab_limit=False,  # a small corpus may not support the requested size; take what it supports
-            minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.Train(
+                input=str(corpus),
+                model_prefix=str(prefix),
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=1.0,
+                # XLM-R's layout: spm ids 0-2 are <unk>, <s>, </s>, so that after the fairseq +1 shift real pieces start
+                # at id 4 and never collide with the fairseq specials (pad 1, eos 2, unk 3).
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                hard_vocab_limit=False,  # a small corpus may not support the requested size; take what it supports
+                minloglevel=2,
+            )
+        except RuntimeError as e:  # sentencepiece reports bad settings as "INTERNAL: file(line) [check] reason"
+            reason = str(e).rsplit("] ", 1)[-1].strip()
+            raise ValueError(f"sentencepiece could not train a {model_type} model of vocab_size {vocab_size} on "
+                             f"{len(lines)} text(s): {reason}") from None
         os.replace(f"{prefix}.model", model_file)
     log.info("wrote sentencepiece model %s (%d captions)", model_file, len(lines))
     return model_file

@@ -6,11 +6,13 @@ then normalise with mean = std = 0.5, exactly as the official ``build_transform(
 Train, by ``--train_crop``:
 - ``official``: RandomResizedCrop(scale 0.5 to 1, bicubic) + horizontal flip (the official retrieval recipe);
 - ``car``: RandomResizedCrop with scale 0.2 to 1 + flip (the 4th place's vehicle transform);
-- ``people``: pad ``people_pad`` black pixels left and right, then a crop of scale 0.5 to 1 whose horizontal offset is
-  drawn from a binomial (so crops stay near the centre, where the pedestrian is), + flip (the 4th place's pedestrian
-  transform). With ``people_pad > 0`` the eval transform pads the same way, so train and test see the same framing.
+- ``people``: pad ``people_pad`` black pixels left and right, then a random resized crop (scale 0.5 to 1, aspect ratio
+  3/4 to 4/3) whose horizontal offset is Binomial(W - w, 0.5) (so crops stay near the centre, where the pedestrian
+  is; the vertical offset is uniform), + flip (the 4th place's pedestrian transform, :class:`CentreBiasedCrop`).
+  With ``people_pad > 0`` the eval transform pads the same way, so train and test see the same framing.
 - ``resize``: the eval resize + flip, no crop (for small from-scratch models on small images).
-``randaug`` adds the official RandAugment (2 ops, magnitude 7 of 10, each applied with probability 0.5).
+``randaug`` adds the official RandAugment (2 ops, magnitude 7 of 10, each applied with probability 0.5; bilinear
+cv2 warps as ``beit3/randaug.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import random
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
@@ -41,24 +44,52 @@ class PadSides:
 
 
 class CentreBiasedCrop:
-    """Random crop of scale ``scale`` whose offsets are binomially distributed around the centre, resized."""
+    """The 4th place's people crop (their ``XCenterResizeCropAndInterpolation``): a random resized crop, as
+    torchvision's/timm's (area a uniform fraction ``scale`` of the image, aspect ratio log-uniform in ``ratio``, a
+    centre crop after ``attempts`` misses), except that the horizontal offset is Binomial(W - w, 0.5): crops stay
+    near the horizontal centre, where the pedestrian stands. The vertical offset stays uniform. Bicubic resize."""
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 1.0), trials: int = 10) -> None:
-        self.size, self.scale, self.trials = size, scale, trials
+    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> None:
+        self.size, self.scale, self.ratio, self.attempts = size, scale, ratio, attempts
+
+    @staticmethod
+    def get_params(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                   attempts: int = 10) -> tuple[int, int, int, int]:
+        """``(top, left, h, w)`` of a crop of a ``width`` x ``height`` image. Draws from ``random`` and
+        ``np.random`` as the 4th place did; both are seeded per epoch and rank by training and per worker by
+        the DataLoader, so a run is reproducible."""
+        area = width * height
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        for _ in range(attempts):
+            target = random.uniform(*scale) * area
+            aspect = math.exp(random.uniform(*log_ratio))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return random.randint(0, height - h), int(np.random.binomial(width - w, 0.5)), h, w
+        # No candidate fits (a very wide or tall image): the largest centred crop within the ratio range.
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            w, h = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            w, h = round(height * ratio[1]), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        area = random.uniform(*self.scale)
-        cw, ch = max(1, round(w * math.sqrt(area))), max(1, round(h * math.sqrt(area)))
-        # Binomial(n, 0.5) / n has mean 0.5 and concentrates around it: the crop rarely cuts off the centre.
-        left = round((w - cw) * np.random.binomial(self.trials, 0.5) / self.trials)
-        top = round((h - ch) * np.random.binomial(self.trials, 0.5) / self.trials)
-        return TF.resized_crop(img, top, left, ch, cw, [self.size, self.size], InterpolationMode.BICUBIC)
+        top, left, h, w = self.get_params(*img.size, self.scale, self.ratio, self.attempts)
+        return TF.resized_crop(img, top, left, h, w, [self.size, self.size], InterpolationMode.BICUBIC)
 
 
 class RandAugment:
-    """The RandAugment of the official BEiT-3 code (a copy of BLIP's): ``n`` ops drawn with replacement, each
-    applied with probability 0.5 at magnitude ``m`` of 10; geometric ops fill with grey (128)."""
+    """The RandAugment of the official BEiT-3 code (``beit3/randaug.py``, a copy of BLIP's): ``n`` ops drawn with
+    replacement, each applied with probability 0.5 at magnitude ``m`` of 10.
+
+    The geometric ops warp with ``cv2.warpAffine`` as the official code: its forward matrices (shears and
+    translations about the top-left pixel, rotation about ``(W/2, H/2)``), bilinear, grey (128) outside. The
+    photometric ops use PIL, whose output the official cv2 functions were written to reproduce.
+    """
 
     OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
            "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
@@ -67,11 +98,18 @@ class RandAugment:
     def __init__(self, n: int = 2, m: int = 7) -> None:
         self.n, self.level = n, m / 10.0
 
-    def _sign(self) -> float:
-        return -1.0 if random.random() > 0.5 else 1.0
+    def _warp(self, img: Image.Image, matrix: np.ndarray) -> Image.Image:
+        """``img`` through the official forward 2x3 affine ``matrix`` (cv2 pixel-centre coordinates)."""
+        arr = np.asarray(img)
+        out = cv2.warpAffine(arr, matrix.astype(np.float32), (arr.shape[1], arr.shape[0]),
+                             flags=cv2.INTER_LINEAR, borderValue=self.FILL)
+        return Image.fromarray(out)
 
-    def _apply(self, img: Image.Image, op: str) -> Image.Image:
+    def _apply(self, img: Image.Image, op: str, sign: float | None = None) -> Image.Image:
+        """Apply ``op`` at this magnitude; geometric ops take a random direction unless ``sign`` (+1/-1) is given."""
         lv = self.level
+        if sign is None and op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+            sign = -1.0 if random.random() > 0.5 else 1.0
         if op == "AutoContrast":
             return ImageOps.autocontrast(img)
         if op == "Equalize":
@@ -80,16 +118,17 @@ class RandAugment:
             return ImageEnhance.Brightness(img).enhance(lv * 1.8 + 0.1)
         if op == "Sharpness":
             return ImageEnhance.Sharpness(img).enhance(lv * 1.8 + 0.1)
-        if op in ("ShearX", "ShearY"):
-            s = math.degrees(math.atan(lv * 0.3 * self._sign()))
-            shear = [s, 0.0] if op == "ShearX" else [0.0, s]
-            return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=list(self.FILL))
-        if op in ("TranslateX", "TranslateY"):
-            t = round(lv * 10 * self._sign())  # pixels, as in the official code
-            return TF.affine(img, angle=0.0, translate=[t, 0] if op == "TranslateX" else [0, t], scale=1.0,
-                             shear=[0.0, 0.0], fill=list(self.FILL))
+        if op == "ShearX":
+            return self._warp(img, np.array([[1, lv * 0.3 * sign, 0], [0, 1, 0]]))
+        if op == "ShearY":
+            return self._warp(img, np.array([[1, 0, 0], [lv * 0.3 * sign, 1, 0]]))
+        if op == "TranslateX":  # lv * 10 pixels (translate_const 10), not a fraction of the size
+            return self._warp(img, np.array([[1, 0, -lv * 10 * sign], [0, 1, 0]]))
+        if op == "TranslateY":
+            return self._warp(img, np.array([[1, 0, 0], [0, 1, -lv * 10 * sign]]))
         if op == "Rotate":
-            return TF.rotate(img, lv * 30 * self._sign(), fill=list(self.FILL))
+            w, h = img.size
+            return self._warp(img, cv2.getRotationMatrix2D((w / 2, h / 2), lv * 30 * sign, 1.0))
         return img  # Identity
 
     def __call__(self, img: Image.Image) -> Image.Image:
