@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--category", choices=("car", "people"), required=True)
     g.add_argument("--data_path", default=d.data_path, help="folder with the jsonl index files and images")
-    g.add_argument("--task", choices=("flickr30k",), default=d.task, help="index name prefix (official flag)")
+    g.add_argument("--task", choices=("flickr30k",), default=d.task,
+                   help="the official flag, accepted for its command line: flickr30k is the only task (the index "
+                        "files are flickr30k_<category>.{train,val}.jsonl)")
     g.add_argument("--sentencepiece_model", default=d.sentencepiece_model,
                    help="tokenizer the index was built with; its vocabulary must fit the model")
     g.add_argument("--num_max_bpe_tokens", type=int, default=d.num_max_bpe_tokens)
@@ -88,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=o.batch_size, help="per process")
     g.add_argument("--eval_batch_size", type=int, default=None, help="default: 1.5 x batch_size")
     g.add_argument("--update_freq", type=int, default=o.update_freq, help="gradient accumulation steps")
-    g.add_argument("--clip_grad", type=_optional_float, default=None, help="max grad norm (None: no clipping)")
+    g.add_argument("--clip_grad", type=_optional_float, default=None,
+                   help="max grad norm, > 0 (None: no clipping)")
     g.add_argument("--opt_betas", type=float, nargs=2, default=list(o.opt_betas))
     g.add_argument("--opt_eps", type=float, default=o.opt_eps)
     g.add_argument("--max_steps_per_epoch", type=int, default=None, help="cap (smoke runs)")
@@ -98,8 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=r.seed)
     g.add_argument("--save_ckpt_freq", type=int, default=r.save_ckpt_freq)
     g.add_argument("--enable_deepspeed", action="store_true")
-    g.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=r.zero_stage)
-    g.add_argument("--initial_scale_power", type=int, default=r.initial_scale_power)
+    g.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=r.zero_stage,
+                   help="DeepSpeed ZeRO stage (with --enable_deepspeed; fixed for a resumed run)")
+    g.add_argument("--initial_scale_power", type=int, default=r.initial_scale_power,
+                   help="DeepSpeed fp16 initial loss scale 2**power (with --enable_deepspeed in fp16)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="default: fp16 with DeepSpeed on cuda, bf16 on cuda, fp32 on cpu")
     g.add_argument("--device", default=r.device, help="cpu, cuda or auto")

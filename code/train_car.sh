@@ -7,7 +7,7 @@
 # override the recipe's flags (argparse keeps the last value), e.g. `bash code/train_car.sh --auto_resume`.
 #   NGPUS [2]  DATA_PATH [dataset/train]  SPM [model_pth/beit3.spm]
 #   FINETUNE [model_pth/beit3_large_patch16_384_f30k_retrieval.pth]  OUTPUT_DIR [code/pt_out_car]
-#   LOG_DIR [code/logs/car]  MASTER_PORT [29500]  PYTHON [python]
+#   LOG_DIR [$OUTPUT_DIR/tb]  MASTER_PORT [29500]  PYTHON [python]
 # Relative paths are taken from the repository root (the script changes into it).
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root: the default paths are relative to it
@@ -20,7 +20,7 @@ DATA_PATH=${DATA_PATH:-dataset/train}
 SPM=${SPM:-model_pth/beit3.spm}
 FINETUNE=${FINETUNE:-model_pth/beit3_large_patch16_384_f30k_retrieval.pth}
 OUTPUT_DIR=${OUTPUT_DIR:-code/pt_out_${CATEGORY}}
-LOG_DIR=${LOG_DIR:-code/logs/${CATEGORY}}
+LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/tb}  # the Python default: each run's events stay beside its checkpoints
 PYTHON=${PYTHON:-python}
 
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --master_port="${MASTER_PORT:-29500}" \

@@ -64,6 +64,16 @@ def test_single_process_env_for_deepspeed(clean_env):
     assert not torch.distributed.is_initialized()
 
 
+def test_backend_follows_the_device_not_the_machine(clean_env):
+    """nccl only for a job on GPUs: a --device cpu job on a machine with CUDA needs gloo (nccl cannot carry CPU
+    tensors)."""
+    assert (D.backend_for("cuda"), D.backend_for("cpu")) == ("nccl", "gloo")
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the choice can tell
+    D.set_single_process_env()
+    D.init_distributed(device_type="cpu")
+    assert torch.distributed.get_backend() == "gloo"
+
+
 def test_single_process_env_leaves_torchrun_alone(clean_env):
     clean_env.setenv("RANK", "1")
     assert D.set_single_process_env() == {}

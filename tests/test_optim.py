@@ -19,7 +19,10 @@ from traffic_retrieval.optim import (
     cosine_scheduler,
     deepspeed_config,
     deepspeed_initialize,
+    deepspeed_precision,
+    group_settings,
     param_groups_layer_decay,
+    restore_group_settings,
 )
 from traffic_retrieval.precision import PRECISIONS, get_autocast, needs_grad_scaler
 
@@ -159,6 +162,31 @@ def test_adamw_honours_group_decay_and_lr_scale():
     assert opt.state_dict()["param_groups"][0]["param_names"] == ["a"]
 
 
+def test_resumed_optimizer_keeps_the_new_group_settings(nano):
+    """Loading a state dict brings back the saved lr_scale, weight decay, betas and eps; restore_group_settings puts
+    the current run's values back (matched by name) and keeps the loaded moments."""
+    def adamw(layer_decay: float, weight_decay: float, betas: tuple, eps: float) -> torch.optim.AdamW:
+        groups = param_groups_layer_decay(nano, weight_decay, layer_decay, nano.cfg.depth, nano.no_weight_decay())
+        return build_optimizer(groups, 1e-3, betas, eps)
+
+    old = adamw(0.85, 0.05, (0.9, 0.999), 1e-8)
+    for p in nano.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    nano.zero_grad(set_to_none=True)
+    new = adamw(0.5, 0.3, (0.8, 0.9), 1e-6)
+    settings = group_settings(new)
+    assert settings["layer_0_decay"] == {"lr_scale": 0.5 ** 3, "weight_decay": 0.3, "betas": (0.8, 0.9), "eps": 1e-6}
+    new.load_state_dict(old.state_dict())
+    assert new.param_groups[1]["weight_decay"] == 0.05  # what a resume did before: the checkpoint's value back
+    restore_group_settings(new, settings)
+    assert group_settings(new) == settings
+    assert all(torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"]) for p in nano.parameters())
+    settings.pop("layer_0_decay")
+    with pytest.raises(ValueError, match="do not match the freshly built ones"):
+        restore_group_settings(new, settings)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # DeepSpeed config
 
@@ -179,6 +207,13 @@ def test_deepspeed_config_official_fp16():
                  "hysteresis": 2, "min_loss_scale": 1},
         "gradient_clipping": 0.0,  # the official "no clipping", written out (DeepSpeed 0.19 defaults to 1.0)
     }
+
+
+def test_deepspeed_precision_reads_the_config_back():
+    common = dict(batch_size=4, update_freq=1, world_size=1, lr=1e-3, weight_decay=0.05)
+    for precision in PRECISIONS:
+        assert deepspeed_precision(deepspeed_config(**common, precision=precision)) == precision
+    assert deepspeed_precision({"fp16": {"enabled": False}}) == "fp32"
 
 
 def test_deepspeed_config_options():
@@ -258,6 +293,22 @@ def test_deepspeed_engine_trains_and_saves(tmp_path, single_process_env):
     fresh = create_model("beit3_nano_patch16_32")
     load_weights(fresh, states)
     torch.testing.assert_close(fresh.vision_head.weight, after["vision_head.weight"].float())
+    assert deepspeed_precision(config) == deepspeed_precision(torch.load(states, weights_only=False)["ds_config"]) \
+        == "bf16"
+
+    # A resume (load_checkpoint) with other flags: the ZeRO/bf16 wrapper's groups get the checkpoint's values back,
+    # restore_group_settings puts the new run's back.
+    groups = param_groups_layer_decay(fresh, 0.3, 0.25, fresh.cfg.depth, fresh.no_weight_decay())
+    config2 = deepspeed_config(batch_size=4, update_freq=1, world_size=1, lr=1e-3, weight_decay=0.3,
+                               betas=(0.8, 0.9), eps=1e-6, precision="bf16", zero_stage=1, clip_grad=1.0,
+                               steps_per_print=10**6)
+    engine2, optimizer2 = deepspeed_initialize(fresh, groups, config2)
+    settings = group_settings(optimizer2)
+    assert settings["layer_0_decay"] == {"lr_scale": 0.25 ** 3, "weight_decay": 0.3, "betas": (0.8, 0.9), "eps": 1e-6}
+    engine2.load_checkpoint(str(tmp_path), tag="checkpoint-1")
+    assert group_settings(optimizer2)["layer_0_decay"]["lr_scale"] == pytest.approx(0.125)  # the saved 0.5 ** 3
+    restore_group_settings(optimizer2, settings)
+    assert group_settings(optimizer2) == settings
 
 
 # ------------------------------------------------------------------------------------------------------------

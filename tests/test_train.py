@@ -64,6 +64,18 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     return proc.stderr
 
 
+@pytest.fixture
+def deepspeed_env(monkeypatch):
+    """For an in-process DeepSpeed attempt: the torchrun variables it sets are undone, its process group left."""
+    for var in (*TORCHRUN_VARS, "DS_ACCELERATOR"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _torchrun(world: int, argv: list[str]) -> None:
     _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={world}",
           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "code/run_beit3_finetuning.py", *argv])
@@ -101,10 +113,31 @@ def test_official_flags_and_defaults(script) -> None:
     with pytest.raises(train.TrainError, match=r"warmup_epochs \(3\) must be between 0 and epochs \(2\)"):
         train.check_config(train.TrainConfig(optim=train.OptimConfig(epochs=2, warmup_epochs=3)))
     train.check_config(train.TrainConfig(model=train.ModelConfig("beit3_tiny_patch8_64", vocab_size=500)))
+    # clip_grad_norm_ would zero (0) or reverse (< 0) every gradient, DeepSpeed would not clip: refused
+    for clip in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            script["parse_args"](["--category", "car", "--clip_grad", clip])
+    with pytest.raises(train.TrainError, match=r"clip_grad must be > 0, got 0.0 \(leave it out"):
+        train.check_config(train.TrainConfig(optim=train.OptimConfig(clip_grad=0.0)))
+    assert script["parse_args"](["--category", "car", "--clip_grad", "none"]).optim.clip_grad is None
+
+
+def test_flags_a_run_cannot_use_are_warned_about(caplog) -> None:
+    def ignored(precision: str = "fp32", **runtime) -> list[str]:
+        return train.warn_ignored_flags(train.TrainConfig(runtime=train.RuntimeConfig(**runtime)), precision)
+
+    with caplog.at_level("WARNING", logger="traffic_retrieval.train"):
+        assert ignored(zero_stage=1, initial_scale_power=8) == [
+            "--zero_stage 1, --initial_scale_power 8: only DeepSpeed uses them (--enable_deepspeed)"]
+    assert "ignored --zero_stage 1, --initial_scale_power 8" in caplog.text
+    assert ignored("bf16", enable_deepspeed=True, initial_scale_power=8) == [
+        "--initial_scale_power 8: only fp16 has a loss scale, this run trains in bf16"]
+    assert ignored() == ignored("fp16", enable_deepspeed=True, zero_stage=2, initial_scale_power=8) == []
 
 
 # --------------------------------------------------------------------------------------------------- plain run
-def test_plain_run_writes_the_run_directory(script, indexed, tiny_spm, tmp_path, capsys, hash_tree, load_script) -> None:
+def test_plain_run_writes_the_run_directory(script, indexed, tiny_spm, tmp_path, capsys, hash_tree, load_script,
+                                            caplog) -> None:
     out = tmp_path / "run"
     result = script["main"](_args(indexed, tiny_spm, out, "--save_ckpt_freq", "5", "--randaug"))
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -132,7 +165,8 @@ def test_plain_run_writes_the_run_directory(script, indexed, tiny_spm, tmp_path,
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
-    assert [e.step for e in events.Scalars("epoch/val_official_map10")] == [0, 1]
+    # epoch scalars at the epoch's last optimizer step, where a resumed run's purge reaches them
+    assert [e.step for e in events.Scalars("epoch/val_official_map10")] == [2, 5]
 
     ckpt = load_checkpoint_file(out / "checkpoint-1.pth")  # weights_only: no arbitrary pickles in our format
     assert {"model", "optimizer", "scaler", "epoch", "global_step", "args", "rng", "best"} <= set(ckpt)
@@ -155,6 +189,12 @@ def test_plain_run_writes_the_run_directory(script, indexed, tiny_spm, tmp_path,
                                              str(out / "checkpoint-1.pth"), "--images", str(indexed / "val_images"),
                                              "--out", str(feats), "--device", "cpu"])
     assert np.load(feats)["image_features"].shape == (24, 64)  # originals + coded links
+
+    # a new run whose TensorBoard folder holds an earlier run's events is told so
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="traffic_retrieval.train"):
+        script["main"](_args(indexed, tiny_spm, tmp_path / "run2", "--epochs", "1", "--log_dir", str(out / "tb")))
+    assert f"{out / 'tb'} already holds 1 TensorBoard event file(s) of an earlier run" in caplog.text
 
 
 def test_interrupted_run_resumes_to_the_same_weights(script, indexed, tiny_spm, tmp_path) -> None:
@@ -185,6 +225,33 @@ def test_interrupted_run_resumes_to_the_same_weights(script, indexed, tiny_spm, 
     assert [r["train_loss"] for r in _log(cut)] == [r["train_loss"] for r in _log(whole)]
 
 
+def test_crash_after_logging_an_epoch_leaves_one_scalar_per_step(script, indexed, tiny_spm, tmp_path,
+                                                                 monkeypatch) -> None:
+    """A run that logged epoch 1 but died before saving it repeats epoch 1 on resume; TensorBoard then shows the
+    repeat only (the resumed writer purges from global step 3 on, which covers the epoch scalars too)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    save_epoch = train._save_epoch
+
+    def crash_before_saving(cfg, trainer, info, data_sha, epoch, stats, progress) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+        save_epoch(cfg, trainer, info, data_sha, epoch, stats, progress)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "_save_epoch", crash_before_saving)
+        with pytest.raises(KeyboardInterrupt):
+            script["main"](_args(indexed, tiny_spm, out, "--drop_path", "0.3"))
+    script["main"](_args(indexed, tiny_spm, out, "--auto_resume", "--drop_path", "0.3", "--lr", "2e-3"))
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    losses = events.Scalars("epoch/train_loss")
+    assert [e.step for e in losses] == [2, 5]
+    assert [e.value for e in losses] == pytest.approx([r["train_loss"] for r in _log(out)])
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
+
+
 def test_resume_refuses_a_checkpoint_of_other_data_or_settings(script, indexed, tiny_spm, tmp_path, caplog) -> None:
     """--auto_resume checks the checkpoint against this run: changed index files, model or steps per epoch stop it
     with a message naming the file and the difference; other changed hyperparameters are logged and applied."""
@@ -211,11 +278,21 @@ def test_resume_refuses_a_checkpoint_of_other_data_or_settings(script, indexed, 
     assert "it made 3 optimizer steps per epoch, this run makes 6" in msg
     assert [r["epoch"] for r in _log(out)] == [0]  # nothing was trained or written by the refused attempts
 
-    with caplog.at_level("WARNING", logger="traffic_retrieval.train"):
-        script["main"](resume("--lr", "5e-4", "--num_workers", "0"))
-    assert "settings changed since checkpoint-0.pth, they apply from epoch 1 on: optim.epochs 1 -> 2, optim.lr " \
-           "0.001 -> 0.0005" in caplog.text
+    # other settings apply from the resumed epoch on, the optimizer's per-group ones too (its loaded state would
+    # bring back the old ones); the start weights are not read (the checkpoint replaces them)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="traffic_retrieval.train"):
+        script["main"](resume("--lr", "5e-4", "--num_workers", "0", "--layer_decay", "0.5", "--weight_decay", "0.3",
+                              "--opt_betas", "0.8", "0.9", "--opt_eps", "1e-6", "--finetune", str(tmp_path / "gone")))
+    assert "settings changed since checkpoint-0.pth, they apply from epoch 1 on: optim.epochs 1 -> 2, " \
+           "optim.layer_decay 0.85 -> 0.5, optim.lr 0.001 -> 0.0005, optim.opt_betas (0.9, 0.999) -> (0.8, 0.9), " \
+           "optim.opt_eps 1e-08 -> 1e-06, optim.weight_decay 0.05 -> 0.3" in caplog.text
+    assert f"the start weights (--finetune {tmp_path / 'gone'}) are not loaded, checkpoint-0 replaces them" \
+        in caplog.text and "FROM SCRATCH" not in caplog.text
     assert [r["epoch"] for r in _log(out)] == [0, 1]
+    groups = {g["name"]: g for g in load_checkpoint_file(out / "checkpoint-1.pth")["optimizer"]["param_groups"]}
+    assert (groups["layer_0_decay"]["lr_scale"], groups["layer_0_decay"]["weight_decay"]) == (0.5 ** 3, 0.3)
+    assert all(tuple(g["betas"]) == (0.8, 0.9) and g["eps"] == 1e-6 for g in groups.values())
 
 
 # --------------------------------------------------------------------------------------------------- bad input
@@ -256,7 +333,7 @@ def test_bad_input_stops_with_a_clear_message(script, indexed, tiny_spm, tmp_pat
 
 # --------------------------------------------------------------------------------------------------- distributed
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed"])
-def test_torchrun_two_processes(deepspeed, indexed, tiny_spm, tmp_path, load_script) -> None:
+def test_torchrun_two_processes(deepspeed, indexed, tiny_spm, tmp_path, load_script, script, deepspeed_env) -> None:
     out = tmp_path / "run"
     extra = ["--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0", "--dedup", "caption"]
     # DDP also accumulates 2 micro-batches per step (no_sync in between): 12 pairs / (2 x 2 ranks x 2) = 1 step
@@ -289,10 +366,19 @@ def test_torchrun_two_processes(deepspeed, indexed, tiny_spm, tmp_path, load_scr
                                              "--sentencepiece_model", str(tiny_spm), "--out", str(feats)])
     assert np.load(feats)["text_features"].shape == (12, 64)
 
+    if deepspeed:  # ZeRO splits the optimizer state per process: one process cannot resume it
+        msg = _error(script, _args(indexed, tiny_spm, out, "--batch_size", "4", "--epochs", "2", "--dedup", "caption",
+                                   "--enable_deepspeed", "--zero_stage", "1", "--precision", "bf16", "--auto_resume",
+                                   category="people"))
+        assert msg.endswith("cannot continue this run: it was trained by 2 process(es) with ZeRO stage 1 (optimizer "
+                            "state split per process), this run has 1. Resume with the run's data and settings, or "
+                            "start a new run in another --output_dir")
 
-def test_train_people_script_runs_the_recipe(indexed, tiny_spm, tmp_path) -> None:
+
+def test_train_people_script_runs_the_recipe(indexed, tiny_spm, tmp_path, script, deepspeed_env) -> None:
     """code/train_people.sh (through train_car.sh): torchrun, DeepSpeed (fp32 on the CPU), activation checkpointing,
-    starting from a checkpoint; tiny overrides after the recipe's flags."""
+    starting from a checkpoint; tiny overrides after the recipe's flags. Then resumed: with changed optimizer flags,
+    which apply, and with another precision or ZeRO stage, which DeepSpeed cannot load (refused)."""
     start = tmp_path / "start.pth"
     torch.manual_seed(1)
     start_model = create_model("beit3_nano_patch16_32")
@@ -320,11 +406,26 @@ def test_train_people_script_runs_the_recipe(indexed, tiny_spm, tmp_path) -> Non
     assert 0 < moved < 0.01  # it started from the given weights and trained a little (3 steps at lr <= 3e-5)
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 
-    # resuming a DeepSpeed run: its checkpoint (client state inside the DeepSpeed model file) passes the check
-    logs = _run([*recipe, "--epochs", "2", "--auto_resume"], env)
+    # another precision or ZeRO stage: refused in one line (DeepSpeed itself would fail deep inside its loader)
+    same = ["--category", "people", "--data_path", str(indexed), "--sentencepiece_model", str(tiny_spm),
+            "--output_dir", str(out), "--model", "beit3_nano_patch16_32", "--input_size", "32", "--batch_size", "4",
+            "--num_workers", "0", "--enable_deepspeed", "--epochs", "2", "--warmup_epochs", "0", "--auto_resume"]
+    msg = _error(script, [*same, "--precision", "bf16"])
+    assert msg.endswith("checkpoint-0/mp_rank_00_model_states.pt cannot continue this run: it was trained in fp32 "
+                        "(DeepSpeed), this run trains in bf16 (set --precision fp32). Resume with the run's data and "
+                        "settings, or start a new run in another --output_dir")
+    msg = _error(script, [*same, "--zero_stage", "2"])
+    assert "cannot continue this run: it was trained with --zero_stage 0, this run has --zero_stage 2." in msg
+
+    # resuming a DeepSpeed run: its checkpoint (client state inside the DeepSpeed model file) passes the check, and
+    # changed optimizer flags apply although DeepSpeed's load brings back the saved per-group values
+    logs = _run([*recipe, "--epochs", "2", "--auto_resume", "--layer_decay", "0.5", "--opt_eps", "1e-6"], env)
     assert "auto_resume: continuing from" in logs and "optim.epochs 1 -> 2" in logs
     assert "weights_only=False" not in logs  # read with the safe loader
     assert [r["epoch"] for r in _log(out)] == [0, 1]
+    groups = load_checkpoint_file(out / "checkpoint-1" / "mp_rank_00_model_states.pt")["optimizer"]["param_groups"]
+    assert {g["name"]: g["lr_scale"] for g in groups}["layer_0_decay"] == 0.5 ** 3
+    assert {g["eps"] for g in groups} == {1e-6}
 
 
 # --------------------------------------------------------------------------------------------------- it learns

@@ -43,12 +43,22 @@ def _env_int(name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
+def backend_for(device_type: str) -> str:
+    """The process-group backend for a job on ``device_type`` devices: nccl for cuda, gloo otherwise (cpu).
+
+    Chosen from the device the job runs on, not from whether CUDA exists: a ``--device cpu`` job on a GPU machine
+    exchanges CPU tensors, which nccl cannot carry.
+    """
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_distributed(backend: str | None = None, device_type: str | None = None) -> DistInfo:
     """Join the process group described by torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
 
-    Without those variables this is a no-op that reports a world of one. ``backend`` defaults to ``nccl`` when CUDA
-    is available (and then selects GPU ``LOCAL_RANK``) and ``gloo`` otherwise. Calling it again once the group exists
-    only reports the current state.
+    Without those variables this is a no-op that reports a world of one. ``backend`` defaults to
+    :func:`backend_for` ``device_type`` (the resolved device's type; when None, cuda if CUDA is available, else
+    cpu); with nccl, GPU ``LOCAL_RANK`` is selected. Calling it again once the group exists only reports the
+    current state.
     """
     if dist.is_available() and dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -62,7 +72,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device_type or ("cuda" if torch.cuda.is_available() else "cpu"))
     if backend == "nccl":
         torch.cuda.set_device(local)  # before init, so NCCL binds this rank to its own GPU
     dist.init_process_group(backend=backend, rank=rank, world_size=world)

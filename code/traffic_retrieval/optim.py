@@ -4,7 +4,9 @@
   (``optim_factory.get_parameter_groups`` with ``LayerDecayValueAssigner``);
 - :func:`cosine_scheduler` and :func:`apply_lr`: one lr value per optimiser step, scaled per group;
 - :func:`build_optimizer`: torch AdamW for the plain (DDP) path;
-- :func:`deepspeed_config`: the DeepSpeed config dict of ``utils.create_ds_config``, as a pure function;
+- :func:`group_settings` and :func:`restore_group_settings`: keep the run's per-group settings across a resume;
+- :func:`deepspeed_config`: the DeepSpeed config dict of ``utils.create_ds_config``, as a pure function, and
+  :func:`deepspeed_precision`, its precision read back;
 - :func:`deepspeed_initialize`: ``deepspeed.initialize`` with a workaround for models with a 0-d parameter.
 """
 
@@ -138,6 +140,28 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
+# The per-group settings the run's flags decide (--layer_decay, --weight_decay, --opt_betas, --opt_eps). An optimizer
+# state dict carries them too, and loading one (torch's load_state_dict, DeepSpeed's load_checkpoint) puts the saved
+# values back into the groups, so a resume would silently keep the old ones.
+GROUP_SETTINGS = ("lr_scale", "weight_decay", "betas", "eps")
+
+
+def group_settings(optimizer: Any) -> dict[str, dict[str, Any]]:
+    """``{group name: {lr_scale, weight_decay, betas, eps}}`` of an optimizer (torch, or DeepSpeed's wrapper) built
+    from :func:`param_groups_layer_decay` groups; take it before loading a state dict."""
+    return {g["name"]: {k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups}
+
+
+def restore_group_settings(optimizer: Any, settings: dict[str, dict[str, Any]]) -> None:
+    """Put ``settings`` (from :func:`group_settings`) back into the groups of the same name after a state dict was
+    loaded, so the current flags apply and only the moments, step counts and loss scale come from the checkpoint."""
+    names = [g.get("name") for g in optimizer.param_groups]
+    if sorted(names, key=str) != sorted(settings):
+        raise ValueError(f"optimizer groups {names} do not match the freshly built ones {sorted(settings)}")
+    for group in optimizer.param_groups:
+        group.update(settings[group["name"]])
+
+
 def deepspeed_config(
     *,
     batch_size: int,
@@ -204,6 +228,14 @@ def deepspeed_config(
     if zero_stage >= 1:
         config["zero_optimization"] = {"stage": zero_stage, "reduce_bucket_size": 5e8}
     return config
+
+
+def deepspeed_precision(config: dict[str, Any]) -> str:
+    """The precision a :func:`deepspeed_config` dict (or a DeepSpeed checkpoint's ``ds_config``) trains in."""
+    for precision in ("fp16", "bf16"):
+        if (config.get(precision) or {}).get("enabled"):
+            return precision
+    return "fp32"
 
 
 def deepspeed_initialize(

@@ -5,7 +5,8 @@ name; optionally a starting checkpoint (``--finetune``). Writes into ``output_di
 
 - ``args.json`` (the resolved config) and, with DeepSpeed, ``deepspeed_config.json``;
 - ``log.txt``: one JSON line per epoch ``{epoch, train_loss, lr, n_steps, seconds, pairs_per_s, val_*}``;
-- ``training_curves.png``: train loss and val metrics per epoch; TensorBoard scalars in ``log_dir``;
+- ``training_curves.png``: train loss and val metrics per epoch; TensorBoard scalars in ``log_dir``, all indexed by
+  optimizer step (an epoch's at its last step), so a resumed run's purge also drops what a crashed epoch had logged;
 - checkpoints: ``checkpoint-<epoch>.pth`` (``{'model', 'optimizer', 'scaler', 'epoch', 'global_step', 'args', 'rng',
   'best'}``) or, with DeepSpeed, ``checkpoint-<epoch>/mp_rank_00_model_states.pt`` (weights under ``'module'``);
   epochs are 0-based as in the official code. Kept: every ``save_ckpt_freq``-th epoch, the latest (the resume
@@ -16,7 +17,8 @@ interrupted run leaves complete files only, and ``--auto_resume`` continues from
 boundary, after checking that it was trained on the same index files (their sha256 is in every checkpoint) and
 settings (:func:`check_resume`). Resumed runs reproduce uninterrupted ones: the data order is a function of (seed,
 epoch), the random state is re-seeded from (seed, epoch, rank) at the start of every epoch, and the lr schedule is
-the full run's.
+the full run's. Changed optimizer flags (``--layer_decay``, ``--weight_decay``, ``--opt_betas``, ``--opt_eps``) apply
+to the resumed epochs: they are put back into the optimizer after its saved state is loaded.
 """
 
 from __future__ import annotations
@@ -54,7 +56,15 @@ from .fileio import atomic_open, sha256_file, torch_save, write_json, write_text
 from .loss import ContrastiveLoss
 from .modeling import BEiT3Retrieval, compile_layers, create_model, get_config
 from .optim import build_optimizer as adamw
-from .optim import cosine_scheduler, deepspeed_config, deepspeed_initialize, param_groups_layer_decay
+from .optim import (
+    cosine_scheduler,
+    deepspeed_config,
+    deepspeed_initialize,
+    deepspeed_precision,
+    group_settings,
+    param_groups_layer_decay,
+    restore_group_settings,
+)
 from .precision import PRECISIONS, needs_grad_scaler
 from .runtime import resolve_device
 from .tokenizer import Tokenizer
@@ -75,7 +85,7 @@ class TrainError(ValueError):
 class DataConfig:
     data_path: str = "dataset/train"  # folder with flickr30k_<category>.<split>.jsonl and the *_images/ folders
     category: str = "car"  # car | people: which index files, which crop, people padding
-    task: str = "flickr30k"  # index name prefix (the official task name)
+    task: str = "flickr30k"  # the official flag; flickr30k is the only task, the index names are flickr30k_*
     sentencepiece_model: str = "model_pth/beit3.spm"  # only checked against the model's vocabulary size
     num_max_bpe_tokens: int = 64  # text length including bos/eos
     train_crop: str = "auto"  # auto | official | car | people (auto: the 4th place's per-category crop)
@@ -183,6 +193,9 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"warmup_epochs ({o.warmup_epochs}) must be between 0 and epochs ({o.epochs})")
     if not 0 < o.layer_decay <= 1:
         problems.append(f"layer_decay must be in (0, 1], got {o.layer_decay}")
+    if o.clip_grad is not None and not o.clip_grad > 0:  # (not > 0: NaN too)
+        # clip_grad_norm_ would zero (0) or reverse (< 0) every gradient, DeepSpeed would not clip at all
+        problems.append(f"clip_grad must be > 0, got {o.clip_grad} (leave it out, or pass None, for no clipping)")
     if o.max_steps_per_epoch is not None and o.max_steps_per_epoch < 1:
         problems.append(f"max_steps_per_epoch must be >= 1, got {o.max_steps_per_epoch}")
     if r.precision is not None and r.precision not in PRECISIONS:
@@ -205,6 +218,22 @@ def resolve_precision(cfg: TrainConfig, device: torch.device, deepspeed: bool) -
         raise TrainError("--clip_grad with DeepSpeed in fp32 without ZeRO is not supported: DeepSpeed's fp32 "
                          "clipping fails on the 0-d logit_scale; use --zero_stage 1, bf16, or plain DDP")
     return precision
+
+
+def warn_ignored_flags(cfg: TrainConfig, precision: str) -> list[str]:
+    """Warn about (and return) flags given a value this run cannot use, instead of ignoring them silently."""
+    r, default = cfg.runtime, RuntimeConfig()
+    given = [f"--{k} {getattr(r, k)}" for k in ("zero_stage", "initial_scale_power")
+             if getattr(r, k) != getattr(default, k)]
+    ignored = []
+    if given and not r.enable_deepspeed:
+        ignored.append(f"{', '.join(given)}: only DeepSpeed uses them (--enable_deepspeed)")
+    elif r.enable_deepspeed and r.initial_scale_power != default.initial_scale_power and precision != "fp16":
+        ignored.append(f"--initial_scale_power {r.initial_scale_power}: only fp16 has a loss scale, this run trains "
+                       f"in {precision}")
+    for line in ignored:
+        log.warning("ignored %s", line)
+    return ignored
 
 
 def default_workers(world_size: int) -> int:
@@ -262,15 +291,19 @@ def cfg_input_size(cfg: TrainConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ model
-def build_model(cfg: TrainConfig, finetune: str | None = None) -> BEiT3Retrieval:
-    """The model with ``finetune`` (default ``cfg.model.finetune``) loaded strictly, or from scratch (logged)."""
+def build_model(cfg: TrainConfig, finetune: str | None = None, *, start_weights: bool = True) -> BEiT3Retrieval:
+    """The model with ``finetune`` (default ``cfg.model.finetune``) loaded strictly, or from scratch (logged).
+
+    ``start_weights=False``: leave the random init, read no file and warn about nothing (a resume checkpoint is
+    about to replace every weight).
+    """
     m = cfg.model
     model = create_model(m.model, img_size=cfg_input_size(cfg), drop_path_rate=m.drop_path,
                          checkpoint_activations=m.checkpoint_activations, vocab_size=m.vocab_size)
     path = finetune if finetune is not None else m.finetune
-    if path:
+    if start_weights and path:
         load_weights(model, path, m.model_key)
-    else:
+    elif start_weights:
         log.warning("=" * 30 + " no --finetune: training %s FROM SCRATCH (random init) " + "=" * 30, m.model)
     _check_tokenizer(cfg, model.cfg.vocab_size)
     return compile_layers(model) if m.compile else model
@@ -421,10 +454,12 @@ def check_output_dir(cfg: TrainConfig) -> int | None:
     return max(mine) if mine else None
 
 
-# settings that may differ on resume without a warning: where and how the run executes, not what it learns
+# settings that may differ on resume without a warning: where and how the run executes, not what it learns, and
+# start values the checkpoint replaces (the start weights, DeepSpeed's fp16 loss scale)
 RESUME_FREE = {("runtime", k) for k in ("output_dir", "log_dir", "device", "threads", "sdpa", "auto_resume",
-                                        "eval")} | {("data", "num_workers"), ("model", "compile"),
-                                                    ("optim", "eval_batch_size")}
+                                        "eval", "initial_scale_power")} | {
+    ("data", "num_workers"), ("model", "compile"), ("optim", "eval_batch_size"), ("model", "finetune"),
+    ("model", "model_key")}
 # settings the checkpoint's weights are made for: another value cannot continue the run
 RESUME_FIXED = {("data", "category"), ("data", "task"), ("model", "model"), ("model", "input_size"),
                 ("model", "vocab_size")}
@@ -435,12 +470,13 @@ def checkpoint_path(output_dir: Path, epoch: int | str, deepspeed: bool) -> Path
     return output_dir / _tag(epoch) / DEEPSPEED_MODEL_FILE if deepspeed else output_dir / f"{_tag(epoch)}.pth"
 
 
-def check_resume(cfg: TrainConfig, data: TrainData, epoch: int) -> None:
+def check_resume(cfg: TrainConfig, data: TrainData, epoch: int, precision: str, world_size: int) -> None:
     """Refuse to resume checkpoint ``epoch`` when it cannot continue this run; warn about changed settings.
 
     Errors: other index files than the checkpoint was trained on (the run would silently mix two datasets), another
     model, input size or category, another number of optimizer steps per epoch (the lr schedule and the data order
-    would not line up). Other changed hyperparameters are logged: they apply from the resumed epoch on.
+    would not line up), and with DeepSpeed another layout of its checkpoint (:func:`_deepspeed_problems`). Other
+    changed hyperparameters are logged: they apply from the resumed epoch on (:func:`resume`).
     """
     path = checkpoint_path(cfg.output_dir, epoch, cfg.runtime.enable_deepspeed)
     state = load_checkpoint_file(path, mmap=True)
@@ -462,6 +498,8 @@ def check_resume(cfg: TrainConfig, data: TrainData, epoch: int) -> None:
         problems.append(f"it made {state['global_step'] // (state['epoch'] + 1)} optimizer steps per epoch, this run "
                         f"makes {data.steps_per_epoch} (batch size, processes, update_freq or max_steps_per_epoch "
                         "changed), so the lr schedule and the data order would not continue")
+    if cfg.runtime.enable_deepspeed:
+        problems += _deepspeed_problems(state, precision, cfg.runtime.zero_stage, world_size)
     if problems:
         raise TrainError(f"--auto_resume: {cfg.output_dir / name} cannot continue this run: " + "; ".join(problems)
                          + ". Resume with the run's data and settings, or start a new run in another --output_dir")
@@ -472,24 +510,53 @@ def check_resume(cfg: TrainConfig, data: TrainData, epoch: int) -> None:
                     ", ".join(soft))
 
 
+def _deepspeed_problems(state: dict[str, Any], precision: str, zero_stage: int, world_size: int) -> list[str]:
+    """How this run differs from a DeepSpeed checkpoint in what DeepSpeed cannot convert on load: the precision
+    (the optimizer wrapper and its state differ), the ZeRO stage and, with ZeRO, the number of processes (the
+    optimizer state is split into one file per process)."""
+    saved = state.get("ds_config")
+    if not isinstance(saved, dict):
+        log.warning("the checkpoint does not record its DeepSpeed config; cannot check precision and ZeRO stage")
+        return []
+    then_precision, then_stage = deepspeed_precision(saved), int((saved.get("zero_optimization") or {}).get("stage", 0))
+    problems = []
+    if then_precision != precision:
+        problems.append(f"it was trained in {then_precision} (DeepSpeed), this run trains in {precision} (set "
+                        f"--precision {then_precision})")
+    if then_stage != zero_stage:
+        problems.append(f"it was trained with --zero_stage {then_stage}, this run has --zero_stage {zero_stage}")
+    then_world = state.get("dp_world_size")
+    if then_stage > 0 and then_world is not None and then_world != world_size:
+        problems.append(f"it was trained by {then_world} process(es) with ZeRO stage {then_stage} (optimizer state "
+                        f"split per process), this run has {world_size}")
+    return problems
+
+
 def _differs(a: Any, b: Any) -> bool:
     # a checkpoint stores tuples as lists
     return (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b)
 
 
 def resume(cfg: TrainConfig, trainer: Trainer, epoch: int) -> dict[str, Any]:
-    """Load checkpoint ``epoch`` of ``output_dir`` into the trainer; returns its other entries (client state)."""
+    """Load checkpoint ``epoch`` of ``output_dir`` into the trainer; returns its other entries (client state).
+
+    The optimizer keeps this run's per-group settings (lr scale, weight decay, betas, eps): loading its state would
+    bring back the checkpoint's, so changed flags would not apply as :func:`check_resume` says they do.
+    """
     out = cfg.output_dir
     log.info("auto_resume: continuing from %s", out / _tag(epoch))
+    optimizer = trainer.updater.optimizer
+    settings = group_settings(optimizer)
     if cfg.runtime.enable_deepspeed:
         _, state = trainer.updater.engine.load_checkpoint(str(out), tag=_tag(epoch))
-        return state
-    ckpt = load_checkpoint_file(checkpoint_path(out, epoch, deepspeed=False))
-    trainer.model.load_state_dict(ckpt["model"])
-    trainer.updater.optimizer.load_state_dict(ckpt["optimizer"])
-    if trainer.scaler is not None and ckpt.get("scaler") is not None:
-        trainer.scaler.load_state_dict(ckpt["scaler"])
-    return ckpt
+    else:
+        state = load_checkpoint_file(checkpoint_path(out, epoch, deepspeed=False))
+        trainer.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if trainer.scaler is not None and state.get("scaler") is not None:
+            trainer.scaler.load_state_dict(state["scaler"])
+    restore_group_settings(optimizer, settings)
+    return state
 
 
 # ------------------------------------------------------------------------------------------------------ logging
@@ -532,14 +599,19 @@ def _summary_writer(log_dir: Path, purge_step: int | None):
     return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
-def _log_epoch(cfg: TrainConfig, stats: dict[str, Any], writer: Any) -> None:
+def _log_epoch(cfg: TrainConfig, stats: dict[str, Any], writer: Any, step: int) -> None:
+    """Rewrite log.txt and the plot with ``stats``; add its numbers to TensorBoard at optimizer step ``step``.
+
+    Step, not epoch: a resumed run's writer purges every event from its first step on, which then also drops the
+    epoch scalars that a run which crashed after logging an epoch but before saving it had written.
+    """
     out = cfg.output_dir
     rows = [r for r in read_log(out / "log.txt") if r["epoch"] < stats["epoch"]] + [stats]
     write_log(out / "log.txt", rows)
     write_plot(out / "training_curves.png", rows)
     for key, value in stats.items():
         if key != "epoch" and isinstance(value, (int, float)):
-            writer.add_scalar(f"epoch/{key}", value, stats["epoch"])
+            writer.add_scalar(f"epoch/{key}", value, step)
     writer.flush()
     log.info("epoch %d: %s", stats["epoch"], json.dumps(stats))
 
@@ -555,7 +627,7 @@ def _setup(cfg: TrainConfig, device: torch.device) -> tuple[D.DistInfo, torch.de
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         D.set_single_process_env()  # no-op under torchrun
         keep = True
-    info = D.init_distributed()
+    info = D.init_distributed(device_type=device.type)
     if device.type == "cuda" and info.distributed:
         device = torch.device("cuda", info.local_rank)
     return info, device, keep
@@ -574,6 +646,7 @@ def run(cfg: TrainConfig, on_step: StepCallback | None = None) -> dict[str, Any]
     check_config(cfg)
     device = resolve_device(cfg.runtime.device)
     precision = resolve_precision(cfg, device, cfg.runtime.enable_deepspeed)
+    warn_ignored_flags(cfg, precision)
     info, device, keep_group = _setup(cfg, device)
     try:
         return _train(cfg, info, device, precision, on_step)
@@ -603,10 +676,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, device: torch.device, precision: 
     resume_epoch = check_output_dir(cfg)
     vocab_rows = get_config(cfg.model.model, vocab_size=cfg.model.vocab_size).vocab_size
     data = build_data(cfg, info, vocab_rows, pin_memory=device.type == "cuda")
-    if resume_epoch is not None:  # before the model is built and --finetune read: a refusal comes at once
-        check_resume(cfg, data, resume_epoch)
+    if resume_epoch is not None:  # before the model is built: a refusal comes at once
+        check_resume(cfg, data, resume_epoch, precision, info.world_size)
+        log.info("auto_resume: the start weights%s are not loaded, %s replaces them",
+                 f" (--finetune {cfg.model.finetune})" if cfg.model.finetune else "", _tag(resume_epoch))
     torch.manual_seed(cfg.runtime.seed)  # the same initial weights on every rank and in every attempt
-    model = build_model(cfg)
+    model = build_model(cfg, start_weights=resume_epoch is None)
     trainer = build_optimizer(cfg, model, info, device, precision)
     progress = _restore(cfg, trainer, resume_epoch)
     o = cfg.optim
@@ -647,10 +722,18 @@ def _client_state(cfg: TrainConfig, index_sha256: dict[str, str], epoch: int, pr
 
 def _start_run_dir(cfg: TrainConfig, trainer: Trainer, info: D.DistInfo, precision: str, steps: int,
                    purge_step: int | None):
-    """Write args.json (+ deepspeed_config.json) and open TensorBoard on rank 0; None elsewhere."""
+    """Write args.json (+ deepspeed_config.json) and open TensorBoard on rank 0; None elsewhere.
+
+    ``purge_step`` is None for a new run: its events are warned about if they would land beside an earlier run's.
+    """
     if info.rank != 0:
         return None
     out = cfg.output_dir
+    earlier = sorted(cfg.log_dir.glob("events.out.tfevents.*")) if purge_step is None else []
+    if earlier:
+        log.warning("%s already holds %d TensorBoard event file(s) of an earlier run; this new run's scalars go "
+                    "beside them and TensorBoard will show both as one run: pass another --log_dir (the default "
+                    "is <output_dir>/tb) or move the old files away", cfg.log_dir, len(earlier))
     resolved = {"precision": precision, "world_size": info.world_size, "input_size": cfg_input_size(cfg),
                 "train_crop": cfg.train_crop, "eval_pad": cfg.eval_pad, "eval_batch_size": cfg.eval_batch_size,
                 "steps_per_epoch": steps, "output_dir": str(out), "log_dir": str(cfg.log_dir)}
@@ -675,7 +758,7 @@ def _epoch(cfg: TrainConfig, trainer: Trainer, data: TrainData, schedule: np.nda
                    input_dtype=trainer.updater.input_dtype, num_workers=data.num_workers)
     stats = {"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in val.items()}}
     if writer is not None:
-        _log_epoch(cfg, stats, writer)
+        _log_epoch(cfg, stats, writer, global_step + data.steps_per_epoch - 1)
     return stats
 
 
