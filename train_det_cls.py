@@ -1,7 +1,8 @@
 """Stage 1 for the train split: clean train_label.txt with RTMDet (people or car per image) and code the names.
 
-Writes fliter_train_labels.txt, train_images/<category>_<name> links, det_train_report.{jsonl,txt} and
-det_train_cache.jsonl into --data_path; the rule and the formats are in traffic_retrieval.cleaning.
+Writes fliter_train_labels.txt, train_images/<category>_<name> links, det_train_report.{jsonl,txt},
+det_train_cache.jsonl and, where the links must be copies, det_train_copies.json into --data_path; the rule and the
+formats are in traffic_retrieval.cleaning.
 
 Example (the demo detector on the synthetic data):
     python train_det_cls.py --data_path dataset/demo/train \

@@ -1,7 +1,8 @@
 """Stage 1 for the val split: clean val_label.txt with RTMDet (people or car per image) and code the names.
 
-Writes fliter_val_labels.txt, val_images/<category>_<name> links, det_val_report.{jsonl,txt} and
-det_val_cache.jsonl into --data_path; the rule and the formats are in traffic_retrieval.cleaning.
+Writes fliter_val_labels.txt, val_images/<category>_<name> links, det_val_report.{jsonl,txt},
+det_val_cache.jsonl and, where the links must be copies, det_val_copies.json into --data_path; the rule and the
+formats are in traffic_retrieval.cleaning.
 
 Example (the demo detector on the synthetic data):
     python val_det_cls.py --data_path dataset/demo/train \

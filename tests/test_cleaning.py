@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from traffic_retrieval import cleaning
 from traffic_retrieval.categories import CATEGORIES, split_coded_name, text_category
-from traffic_retrieval.cleaning import CleaningResult, clean_split, parse_args
+from traffic_retrieval.cleaning import CleaningError, CleaningResult, clean_split, parse_args
 from traffic_retrieval.detection import (
     DEMO_DET_CHECKPOINT,
     DEMO_DET_CONFIG,
@@ -28,7 +29,7 @@ from traffic_retrieval.detection import (
     Detection,
     load_detector,
 )
-from traffic_retrieval.labels import read_label_file_strict
+from traffic_retrieval.labels import CR_INSIDE, LabelRecord, read_label_file_strict
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / DEMO_DET_CONFIG)
@@ -326,3 +327,158 @@ def test_script_errors_are_one_clear_line(args: list[str], message: str, tiny_da
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------- review fixes
+@pytest.fixture()
+def small_split(tiny_dataset: Path, tmp_path: Path) -> tuple[Path, list[LabelRecord]]:
+    """A val split of two vehicle and two pedestrian images (no label file yet); returns the folder and records."""
+    src = read_label_file_strict(tiny_dataset / "train" / "val_label.txt")
+    recs = [r for r in src if text_category(r.caption) == "car"][:2] + \
+        [r for r in src if text_category(r.caption) == "people"][:2]
+    data = tmp_path / "small"
+    (data / "val_images").mkdir(parents=True)
+    for r in recs:
+        shutil.copy2(tiny_dataset / "train" / "val_images" / r.name, data / "val_images" / r.name)
+    return data, recs
+
+
+def _labels(recs: Sequence[LabelRecord], end: bytes = b"\n") -> bytes:
+    return b"".join(r.to_line().encode() + end for r in recs)
+
+
+def _coded_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.split("_", 1)[0] in CATEGORIES)
+
+
+def _main(data: Path, *extra: str) -> CleaningResult:
+    return cleaning.main(["--data_path", str(data), "--det_config", CONFIG, "--det_checkpoint", CHECKPOINT,
+                          "--threads", "1", *extra], split="val")
+
+
+def test_carriage_returns_never_reach_the_cleaned_file(small_split, detector: BatchDetector) -> None:
+    data, recs = small_split
+    (data / "val_label.txt").write_bytes(_labels(recs, b"\r\r\n"))  # unix2dos run twice
+    res = run(data, "val", detector=detector)
+    assert sum(res.kept.values()) == 4
+    assert b"\r" not in (data / "fliter_val_labels.txt").read_bytes()
+    assert [r.caption for r in read_label_file_strict(data / "fliter_val_labels.txt")] == \
+        [r.caption for r in sorted(recs, key=lambda r: (CATEGORIES.index(text_category(r.caption)), r.name))]
+    # old-Mac CR-only line ends: the file is one line, reported and dropped; nothing kept is an error after the report
+    (data / "val_label.txt").write_bytes(_labels(recs, b"\r"))
+    with pytest.raises(SystemExit, match=r"no line kept out of 1 .*carriage return inside the line"):
+        _main(data)
+    assert [(r["line_no"], r["reason"]) for r in report(data, "val")] == [(1, f"bad line: {CR_INSIDE}")]
+    assert (data / "fliter_val_labels.txt").read_bytes() == b""
+    assert _coded_files(data / "val_images") == []  # the links of the first run no longer apply
+
+
+def test_a_failed_write_changes_no_link(small_split, detector: BatchDetector, monkeypatch) -> None:
+    data, recs = small_split
+    (data / "val_label.txt").write_bytes(_labels(recs))
+
+    def refuse(path, records):
+        raise ValueError("refused by the test")
+
+    monkeypatch.setattr(cleaning, "write_label_file", refuse)
+    with pytest.raises(CleaningError, match="cannot write .*fliter_val_labels.txt: refused by the test"):
+        run(data, "val", detector=detector)
+    assert _coded_files(data / "val_images") == []
+
+
+def test_utf16_file_and_nothing_kept_stop_the_stage(small_split) -> None:
+    data, recs = small_split
+    (data / "val_label.txt").write_bytes(_labels(recs, b"\r\n").decode().encode("utf-16"))  # Notepad's "Unicode"
+    with pytest.raises(SystemExit, match=r"val_label.txt is UTF-16 encoded; save it as UTF-8"):
+        _main(data)
+    missing = [LabelRecord(f"gone{i}.jpg", r.attribute, r.caption) for i, r in enumerate(recs)]
+    (data / "val_label.txt").write_bytes(_labels(missing))
+    with pytest.raises(SystemExit, match=r"no line kept out of 4 .*most common: dropped: image missing, 4 line"):
+        _main(data)
+    assert "       4  image missing" in (data / "det_val_report.txt").read_text()  # the report is there
+
+
+def test_an_image_the_detector_fails_on_is_dropped_alone(small_split, detector: BatchDetector) -> None:
+    data, recs = small_split
+    Image.new("RGB", (1, 3000), (200, 0, 0)).save(data / "val_images" / "thin.jpg")  # mmcv's resize asserts in OpenCV
+    thin = LabelRecord("thin.jpg", recs[0].attribute, recs[0].caption)
+    (data / "val_label.txt").write_bytes(_labels([recs[0], thin, *recs[1:]]))
+    counter = Counting(detector)
+    res = run(data, "val", "--batch_size", "8", detector=counter)
+    rows = report(data, "val")
+    assert (rows[1]["decision"], rows[1]["reason"]) == ("dropped", "detector failed")
+    assert "thin.jpg" in rows[1]["detail"] and "OpenCV" in rows[1]["detail"]
+    assert [r["decision"] for r in rows[:1] + rows[2:]] == ["kept"] * 4 and res.n_detected == 4
+    assert counter.calls == 1 + 5  # the batch, then image by image
+    assert "thin.jpg" not in (data / "det_val_cache.jsonl").read_text()  # a later run tries it again
+    counter = Counting(detector)
+    run(data, "val", detector=counter)
+    assert counter.images == 1 and report(data, "val")[1]["reason"] == "detector failed"
+
+    def broken(images: Sequence[np.ndarray]) -> list[list[Detection]]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    (data / "det_val_cache.jsonl").unlink()
+    with pytest.raises(CleaningError, match="detector fails on every image it is given, e.g. .*RuntimeError: CUDA"):
+        run(data, "val", detector=broken)
+
+
+def test_links_of_removed_or_malformed_lines_are_removed(small_split, hash_tree, detector: BatchDetector) -> None:
+    data, recs = small_split
+    images = data / "val_images"
+    os.symlink(recs[0].name, images / f"people_{recs[0].name}")  # the user's, in our pattern, but an image of a line
+    os.symlink(f"../elsewhere/{recs[1].name}", images / f"people_{recs[1].name}")  # the user's, pointing elsewhere
+    (images / "car_notes.jpg").write_bytes(b"the user's own file")
+    user_line = LabelRecord(f"people_{recs[0].name}", recs[0].attribute, recs[0].caption)
+    before = hash_tree(images)  # the originals, the user's files and the look-alike link
+    label = data / "val_label.txt"
+    label.write_bytes(_labels([*recs, user_line]))
+    run(data, "val", detector=detector)
+    coded = {r.name: f"{text_category(r.caption)}_{r.name}" for r in recs}
+    assert all((images / c).is_symlink() for c in coded.values())
+
+    # line 1 removed, line 2 malformed (four fields)
+    label.write_bytes(recs[1].to_line().encode() + b"$extra\n" + _labels([*recs[2:], user_line]))
+    res = run(data, "val", detector=detector)
+    assert not (images / coded[recs[0].name]).exists() and not (images / coded[recs[1].name]).exists()
+    assert all((images / coded[r.name]).is_symlink() for r in recs[2:])
+    assert sorted(res.links_removed) == sorted([coded[recs[0].name], coded[recs[1].name]])
+    assert "links of a previous run removed (no longer apply): 2" in (data / "det_val_report.txt").read_text()
+    assert (images / f"people_{recs[0].name}").is_symlink()  # named in the label file: never ours to delete
+    assert os.readlink(images / f"people_{recs[1].name}") == f"../elsewhere/{recs[1].name}"
+    originals_unchanged(before, hash_tree(images))
+
+
+def test_copies_are_recorded_and_only_ours_removed(small_split, detector: BatchDetector, monkeypatch) -> None:
+    data, recs = small_split
+    images = data / "val_images"
+    user_copy = images / f"{text_category(recs[1].caption)}_{recs[1].name}"
+    shutil.copyfile(images / recs[1].name, user_copy)  # the user's identical copy, made before the stage
+    (data / "val_label.txt").write_bytes(_labels(recs))
+
+    def no_links(*args, **kwargs):
+        raise OSError("links not supported by the test's file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "symlink", no_links)
+        m.setattr(os, "link", no_links)
+        run(data, "val", detector=detector)
+        rows = report(data, "val")
+        assert [r["link"] for r in rows] == ["copy", "copy (existing)", "copy", "copy"]
+        ours = sorted(r["coded_name"] for r in rows if r["link"] == "copy")
+        assert json.loads((data / "det_val_copies.json").read_text()) == ours
+
+        (data / "val_label.txt").write_bytes(_labels(recs[2:]))  # the two vehicle lines removed
+        run(data, "val", detector=detector)
+    assert not (images / rows[0]["coded_name"]).exists()  # our copy
+    assert user_copy.read_bytes() == (images / recs[1].name).read_bytes()  # the user's copy is left
+    assert json.loads((data / "det_val_copies.json").read_text()) == ours[1:]
+
+
+def test_missing_val_label_points_at_the_archive_layout(tmp_path: Path) -> None:
+    (tmp_path / "dataset" / "train").mkdir(parents=True)
+    (tmp_path / "dataset" / "val" / "val_images").mkdir(parents=True)
+    (tmp_path / "dataset" / "val" / "val_label.txt").write_text("")
+    with pytest.raises(SystemExit, match=r"val_label.txt not found.*the challenge archive has it in .*dataset/val: "
+                                         r"move or link val_label.txt and val_images/ from there into .*dataset/train"):
+        _main(tmp_path / "dataset" / "train")

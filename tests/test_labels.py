@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
 
 from traffic_retrieval.labels import (
+    CR_INSIDE,
     LabelFormatError,
     LabelRecord,
     LineProblem,
@@ -48,6 +51,44 @@ def test_bom_crlf_and_trailing_blank_lines_are_accepted(tmp_path: Path) -> None:
     assert [r.name for r in recs] == ["pmitevanhx.jpg", "090000.jpg", "kcbluaihml.jpg"]
     assert recs[0].caption == "This is a white Audi."  # no stray \r
     assert [r.line_no for r in recs] == [1, 2, 3]
+
+
+def test_every_carriage_return_before_the_line_end_goes(tmp_path: Path) -> None:
+    # unix2dos run twice: CR CR LF. A CR left in a caption used to pass the reader and crash the writer.
+    p = _write(tmp_path, "\r\r\n".join(GOOD).encode() + b"\r\r\n")
+    recs = read_label_file_strict(p)
+    assert [r.caption for r in recs] == [line.split("$")[2] for line in GOOD]
+    write_label_file(tmp_path / "out.txt", recs)  # writable again
+    q = _write(tmp_path, b"A red car.\r\r\nA blue car.\r\r\n", "test_text.txt")
+    assert read_test_text(q) == ["A red car.", "A blue car."]
+    gt = _write(tmp_path, b"A red car.$a.jpg\r\r\nA blue car.\r\n", "gt.txt")
+    assert read_ground_truth(gt) == [("A red car.", ["a.jpg"]), ("A blue car.", [])]
+
+
+def test_carriage_return_inside_a_line_is_a_line_problem(tmp_path: Path) -> None:
+    # A file with old-Mac CR-only line ends is one line: reported, never read as one long record or query.
+    p = _write(tmp_path, ("\r".join(GOOD) + "\r").encode())
+    recs, problems = read_label_file(p)
+    assert recs == [] and [(pr.line_no, pr.reason) for pr in problems] == [(1, CR_INSIDE)]
+    p = _write(tmp_path, GOOD[0].encode() + b"\n" + GOOD[2].replace(" Sedan", "\r Sedan").encode() + b"\n")
+    recs, problems = read_label_file(p)
+    assert [r.line_no for r in recs] == [1] and [(pr.line_no, pr.reason) for pr in problems] == [(2, CR_INSIDE)]
+    q = _write(tmp_path, b"A red car.\rA blue car.\r", "test_text.txt")
+    with pytest.raises(LabelFormatError, match=re.escape(f"test_text.txt:1: {CR_INSIDE}")):
+        read_test_text(q)
+    gt = _write(tmp_path, b"A red car.$a.jpg\rA blue car.$b.jpg\n", "gt.txt")
+    with pytest.raises(LabelFormatError, match="gt.txt:1: carriage return inside the line"):
+        read_ground_truth(gt)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_file_is_refused_as_a_whole(tmp_path: Path, encoding: str) -> None:
+    bom = {"utf-16-le": "\ufeff", "utf-16-be": "\ufeff"}.get(encoding, "")  # Notepad writes the BOM
+    p = _write(tmp_path, (bom + "\r\n".join(GOOD) + "\r\n").encode(encoding))
+    with pytest.raises(LabelFormatError, match=rf"{p.name} is UTF-16 encoded; save it as UTF-8"):
+        read_label_file(p)
+    with pytest.raises(LabelFormatError, match="is UTF-16 encoded"):
+        read_test_text(p)
 
 
 def test_each_bad_line_is_reported_with_file_and_line(tmp_path: Path) -> None:
@@ -111,10 +152,20 @@ def test_write_refuses_fields_that_would_break_the_format(tmp_path: Path) -> Non
     assert not (tmp_path / "x.txt").exists()  # atomic: nothing half-written
 
 
-def test_test_text_keeps_queries_verbatim(tmp_path: Path) -> None:
-    queries = ["A black BESTUNE Sedan.", "  This is a grey Chery Sedan.  ", "A female pedestrian. She is."]
+def test_test_text_strips_queries_as_the_official_baseline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The official infer_json.py and the scored solutions read test_text.txt with line.strip().
+    queries = ["A black BESTUNE Sedan.", "  This is a grey Chery Sedan.  ", "A female pedestrian.\tShe is.\t"]
     p = _write(tmp_path, b"\xef\xbb\xbf" + "\r\n".join(queries).encode() + b"\r\n\r\n", "test_text.txt")
-    assert read_test_text(p) == queries
+    with caplog.at_level(logging.WARNING, logger="traffic_retrieval.labels"):
+        assert read_test_text(p) == [q.strip() for q in queries]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1  # one per file, not one per line
+    assert "from 2 query line(s)" in warnings[0] and f"(first: {p}:2)" in warnings[0]
+    caplog.clear()
+    p.write_text("A red car.\nA blue car.\n")
+    with caplog.at_level(logging.WARNING, logger="traffic_retrieval.labels"):
+        assert read_test_text(p) == ["A red car.", "A blue car."]
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize(

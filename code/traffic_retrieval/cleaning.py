@@ -15,6 +15,8 @@ Writes (into ``<data_path>``)::
     det_<split>_report.jsonl                  one row per input line (see :class:`LineOutcome`)
     det_<split>_report.txt                    a short summary: counts per decision reason
     det_<split>_cache.jsonl                   the detection cache (see ``traffic_retrieval.detection``)
+    det_<split>_copies.json                   the coded names this stage made as copies (only where neither
+                                              symlinks nor hard links work), so a later run knows they are its own
 
 Rule for each line:
 
@@ -29,15 +31,23 @@ Rule for each line:
    box at or above ``--score_thr``) must agree with the caption: a disagreement is dropped as
    "image looks like X, caption is about Y". An image with no box above the threshold is kept under the
    caption's category (``--keep_undetected``, the default: small or cut-off objects are often missed) or dropped
-   with ``--no-keep_undetected``.
+   with ``--no-keep_undetected``. An image the detector fails on (e.g. a 1x3000 strip) is dropped with the
+   detector's message; a detector that fails on every image stops the stage.
 5. A kept line gets its link ``<category>_<name>``. A file of that name that is not our link is never replaced:
-   the line is dropped instead. Our own links of a previous run that no longer apply are removed.
+   the line is dropped instead. The cleaned label file is written first, then the links are made.
+
+Our own links of a previous run that no longer apply (their line was dropped, removed or changed category) are
+removed: a symlink ``<category>_<name>`` to ``<name>`` in the same folder, a hard link ``<category>_<name>`` to
+``<name>``, or a copy listed in ``det_<split>_copies.json`` that is still identical to ``<name>``. Nothing else is
+ever deleted, in particular no file named in the label file. The stage exits with an error when a non-empty label
+file keeps no line at all (after writing the report that says why).
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import logging
 import os
 import shutil
@@ -68,9 +78,9 @@ from .detection import (
     load_detector,
     rgb_to_bgr,
 )
-from .fileio import write_jsonl, write_text
+from .fileio import write_json, write_jsonl, write_text
 from .images import ImageReadError, load_rgb
-from .labels import BOM, LabelRecord, LineProblem, read_label_file, write_label_file
+from .labels import BOM, LabelFormatError, LabelRecord, LineProblem, read_label_file, write_label_file
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,8 @@ UNDETECTED_KEPT = "undetected, kept under the caption's category"
 UNDETECTED = "undetected"
 NOT_PLAIN_NAME = "image name is not a plain file name"
 LINK_TAKEN = "link name taken by another file"
+DETECTOR_FAILED = "detector failed"
+FREE = "free"  # link_state: nothing has the coded name yet
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}
 
 BatchDetectFn = Callable[[Sequence[np.ndarray]], "list[list[Detection]]"]
@@ -138,8 +150,9 @@ class CleaningResult:
     n_detected: int  # images run through the detector in this run
     n_cached: int  # images whose detections came from the cache
     input_notes: list[str]
-    outputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)  # "input" (the label file) and the output_paths
     rows: list[LineOutcome] = field(default_factory=list)
+    links_removed: list[str] = field(default_factory=list)  # our links of a previous run that no longer applied
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -188,6 +201,11 @@ def main(argv: list[str] | None = None, split: str = "train") -> CleaningResult:
         result = clean_split(cfg)
     except (CleaningError, DetectorError) as e:
         raise SystemExit(f"{split}_det_cls: {e}") from None
+    if result.n_lines and not result.kept:
+        # Exit 0 with an empty cleaned file would let the next stage fail far from the cause (e.g. a mis-saved file).
+        reason, n = Counter(result.reasons).most_common(1)[0]
+        raise SystemExit(f"{split}_det_cls: no line kept out of {result.n_lines} of {result.outputs['input']} "
+                         f"(most common: {reason}, {n} line(s)); see {result.outputs['summary']}")
     log.info("%s: kept %s, dropped %d; report: %s", split, result.kept, result.dropped, result.outputs["summary"])
     return result
 
@@ -199,6 +217,7 @@ def output_paths(data_path: Path, split: str) -> dict[str, Path]:
         "report": data_path / f"det_{split}_report.jsonl",
         "summary": data_path / f"det_{split}_report.txt",
         "cache": data_path / f"det_{split}_cache.jsonl",
+        "copies": data_path / f"det_{split}_copies.json",
     }
 
 
@@ -272,21 +291,31 @@ def _is_own_link(path: Path, name: str, original: Path) -> bool:
         return False
 
 
+def link_state(image_dir: Path, name: str, coded: str) -> str | None:
+    """What ``image_dir/coded`` is, without changing anything: :data:`FREE` when nothing has that name, how it
+    already links to ``image_dir/name`` (``"symlink (existing)"``, ...), or None when another file has the name."""
+    dst, src = image_dir / coded, image_dir / name
+    if not (dst.is_symlink() or dst.exists()):
+        return FREE
+    if dst.is_symlink():
+        return "symlink (existing)" if os.readlink(dst) == name else None
+    if _is_own_link(dst, name, src):
+        return "hardlink (existing)"
+    if dst.is_file() and filecmp.cmp(dst, src, shallow=False):
+        return "copy (existing)"
+    return None
+
+
 def make_link(image_dir: Path, name: str, coded: str) -> str | None:
     """Create ``image_dir/coded`` pointing at ``image_dir/name``; returns how, or None if the name is taken.
 
     A relative symlink if the file system allows it, else a hard link, else a copy; made under a temporary name and
     moved into place, so a crash never leaves half a file. An existing link of ours (or an identical copy) is kept.
     """
+    state = link_state(image_dir, name, coded)
+    if state != FREE:
+        return state
     dst, src = image_dir / coded, image_dir / name
-    if dst.is_symlink() or dst.exists():
-        if dst.is_symlink():
-            return "symlink (existing)" if os.readlink(dst) == name else None
-        if _is_own_link(dst, name, src):
-            return "hardlink (existing)"
-        if dst.is_file() and filecmp.cmp(dst, src, shallow=False):
-            return "copy (existing)"
-        return None
     tmp = image_dir / f".{coded}.tmp-{os.getpid()}"
     try:
         try:
@@ -306,17 +335,53 @@ def make_link(image_dir: Path, name: str, coded: str) -> str | None:
     return how
 
 
-def remove_stale_links(image_dir: Path, name: str, keep: str | None) -> int:
-    """Remove our links ``<category>_<name>`` for every category other than ``keep``; returns how many."""
-    n = 0
-    for category in CATEGORIES:
-        if category == keep:
-            continue
-        path = image_dir / coded_name(category, name)
-        if _is_own_link(path, name, image_dir / name):
-            path.unlink()
-            n += 1
-    return n
+def read_copies(path: Path) -> set[str]:
+    """The coded names listed in ``det_<split>_copies.json`` (empty if there is none or it is unreadable)."""
+    if not path.is_file():
+        return set()
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("expected a JSON list of file names")
+    except (OSError, ValueError) as e:
+        log.warning("%s unreadable (%s): the copies it listed are left in place", path, e)
+        return set()
+    return set(names)
+
+
+def _stale_link(entry: os.DirEntry, image_dir: Path, copies: set[str]) -> bool:
+    """Whether ``entry`` is a link this stage made: ``<category>_<name>`` as a symlink to ``<name>``, a hard link to
+    it, or a copy we listed that is still identical to it (so removing it loses nothing)."""
+    category, sep, name = entry.name.partition("_")
+    if not sep or category not in CATEGORIES or not name:
+        return False
+    if entry.is_symlink():
+        return os.readlink(entry.path) == name
+    src = image_dir / name
+    if not entry.is_file(follow_symlinks=False) or not src.is_file():
+        return False
+    if entry.stat(follow_symlinks=False).st_nlink > 1 and _is_own_link(Path(entry.path), name, src):
+        return True
+    return entry.name in copies and filecmp.cmp(entry.path, src, shallow=False)
+
+
+def remove_stale_links(image_dir: Path, keep: set[str], protected: set[str], copies: set[str],
+                       among: set[str] | None = None) -> list[str]:
+    """Remove every link of ours in ``image_dir`` (see :func:`_stale_link`) whose name is not in ``keep``; returns the
+    removed names. A name in ``protected`` (an image name of the label file) is never touched; with ``among``, only
+    links to those names are considered."""
+    removed = []
+    with os.scandir(image_dir) as entries:
+        for entry in entries:
+            if entry.name in keep or entry.name in protected:
+                continue
+            if among is not None and entry.name.partition("_")[2] not in among:
+                continue
+            if not _stale_link(entry, image_dir, copies):
+                continue
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return sorted(removed)
 
 
 # ------------------------------------------------------------------------------------------------- the stage
@@ -350,8 +415,50 @@ class _LazyDetector:
     def __call__(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         if self._fn is None:
             device = str(runtime.resolve_device(self.cfg.device))
-            self._fn = BatchDetector(load_detector(self.cfg.det_config, self.cfg.det_checkpoint, device))
+            try:
+                self._fn = BatchDetector(load_detector(self.cfg.det_config, self.cfg.det_checkpoint, device))
+            except DetectorError:
+                raise
+            except Exception as e:  # a setup failure, never one image's: _run_detector must not retry it per image
+                raise DetectorError(f"cannot load the detector {self.cfg.det_config} + {self.cfg.det_checkpoint}: "
+                                    f"{_one_line(e)}") from e
         return self._fn(images)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (OpenCV's messages span several), cut to ``limit`` characters."""
+    kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+    text = f"{kind}: {' '.join(str(e).split())}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _run_detector(detector: BatchDetectFn, images: list[np.ndarray]) -> list[list[Detection] | str]:
+    """Detections of each image, or the error message of an image the detector fails on.
+
+    A failing batch is retried image by image, so one image the detector cannot take (a 1x3000 strip makes mmcv's
+    resize assert inside OpenCV) costs only its own line, instead of stopping the stage again at every resume.
+
+    Raises:
+        DetectorError: the detector cannot be loaded.
+    """
+    try:
+        return list(detector(images))
+    except DetectorError:
+        raise
+    except Exception as e:
+        if len(images) == 1:
+            return [_one_line(e)]
+        log.warning("detector failed on a batch of %d images (%s); retrying them one by one", len(images),
+                    _one_line(e))
+    out: list[list[Detection] | str] = []
+    for image in images:
+        try:
+            out.append(detector([image])[0])
+        except DetectorError:
+            raise
+        except Exception as e:
+            out.append(_one_line(e))
+    return out
 
 
 def _detect(
@@ -379,6 +486,7 @@ def _detect(
     loader = DataLoader(_ImageSet([image_dir / n for n in todo]), batch_size=cfg.batch_size, shuffle=False,
                         num_workers=cfg.workers, collate_fn=list)
     n_detected = 0
+    failures: list[str] = []  # "<path>: <error>" of each image the detector failed on
     with tqdm(total=len(todo), desc=f"detect {cfg.split}", unit="img") as bar:
         for batch in loader:
             good = [item for item in batch if item["image"] is not None]
@@ -387,15 +495,23 @@ def _detect(
                     name = todo[item["index"]]
                     rows[name].reason = _image_reason(item["error"])
                     rows[name].detail = f"{image_dir / name}: {item['error']}"
-            dets = detector([item["image"] for item in good]) if good else []
+            dets = _run_detector(detector, [item["image"] for item in good]) if good else []
             new = []
             for item, d in zip(good, dets):
                 name = todo[item["index"]]
+                if isinstance(d, str):  # not cached: a later run (perhaps with another detector) tries it again
+                    rows[name].reason, rows[name].detail = DETECTOR_FAILED, f"{image_dir / name}: {d}"
+                    failures.append(rows[name].detail)
+                    continue
                 found[name] = CachedImage(d, item["note"])
                 new.append((name, keys[name], found[name]))
             cache.add_many(new)  # flushed per batch: an interrupted run resumes from here
-            n_detected += len(good)
+            n_detected += len(new)
             bar.update(len(batch))
+            # Every image of a batch failing on its own too, or the first images of the run, is the detector's fault
+            # (a wrong device, a broken install), not the images': stop rather than drop the whole split.
+            if good and not new and (len(good) > 1 or (n_detected == 0 and len(failures) >= 2)):
+                raise CleaningError(f"the detector fails on every image it is given, e.g. {failures[-1]}")
     return found, n_detected, n_cached
 
 
@@ -427,7 +543,8 @@ def clean_split(cfg: CleaningConfig, detector: BatchDetectFn | None = None) -> C
             (only if some image is not in the cache).
 
     Raises:
-        CleaningError: the label file or the image folder is missing.
+        CleaningError: the label file or the image folder is missing, the label file is UTF-16, the detector fails
+            on every image, or an output or a link cannot be written.
         DetectorError: the detector config or checkpoint is missing or unusable.
     """
     data_path = Path(cfg.data_path)
@@ -435,10 +552,18 @@ def clean_split(cfg: CleaningConfig, detector: BatchDetectFn | None = None) -> C
     image_dir = data_path / f"{cfg.split}_images"
     out = output_paths(data_path, cfg.split)
     if not label_path.is_file():
+        hint = ""
+        archived = data_path.parent / cfg.split / label_path.name  # the official archive's layout: val/val_label.txt
+        if archived.is_file():
+            hint = (f" (the challenge archive has it in {archived.parent}: move or link {label_path.name} and "
+                    f"{image_dir.name}/ from there into {data_path})")
         raise CleaningError(
-            f"{label_path} not found: --data_path must hold {cfg.split}_label.txt and {cfg.split}_images/"
+            f"{label_path} not found: --data_path must hold {cfg.split}_label.txt and {cfg.split}_images/{hint}"
         )
-    records, problems = read_label_file(label_path)
+    try:
+        records, problems = read_label_file(label_path)
+    except LabelFormatError as e:  # the whole file is unusable (UTF-16)
+        raise CleaningError(str(e)) from None
     notes = input_notes(label_path)
     for note in notes:
         log.warning("%s: %s", label_path, note)
@@ -461,39 +586,82 @@ def clean_split(cfg: CleaningConfig, detector: BatchDetectFn | None = None) -> C
         for name, cached in found.items():
             _decide(pending[name], cached, cfg)
 
+    # Step 5 in three passes, so that nothing on disk changes before the cleaned file is written: which coded names
+    # are free or already ours (nothing changes), the cleaned file, then the links.
     by_name = {rec.name: rec for rec in records}
     kept: list[LabelRecord] = []
+    to_make: list[LineOutcome] = []
     for row in rows:
-        if row.name is None or row.name not in by_name or by_name[row.name].line_no != row.line_no:
-            continue  # a bad line: it owns no links (its name may belong to a good line)
-        plain = row.reason != NOT_PLAIN_NAME
-        if row.decision == KEPT:
-            coded = coded_name(row.caption_category, row.name)
-            row.link = make_link(image_dir, row.name, coded)
-            if row.link is None:
-                row.decision, row.reason = DROPPED, LINK_TAKEN
-                row.detail = f"{image_dir / coded} exists and is not a link to {row.name}"
-            else:
-                row.coded_name = coded
-                rec = by_name[row.name]
-                kept.append(LabelRecord(coded, rec.attribute, rec.caption, rec.line_no))
-        if plain and image_dir.is_dir():
-            remove_stale_links(image_dir, row.name, row.caption_category if row.decision == KEPT else None)
+        if row.decision != KEPT:  # only good records are ever kept
+            continue
+        coded = coded_name(row.caption_category, row.name)
+        state = link_state(image_dir, row.name, coded)
+        if state is None:
+            row.decision, row.reason = DROPPED, LINK_TAKEN
+            row.detail = f"{image_dir / coded} exists and is not a link to {row.name}"
+            continue
+        row.coded_name = coded
+        if state == FREE:
+            to_make.append(row)
+        else:
+            row.link = state
+        rec = by_name[row.name]
+        kept.append(LabelRecord(coded, rec.attribute, rec.caption, rec.line_no))
 
     order = {c: i for i, c in enumerate(CATEGORIES)}  # CATEGORIES = (car, people): vehicles first, as the real file
     kept.sort(key=lambda r: (order[r.name.split("_", 1)[0]], r.name.split("_", 1)[1]))
     rows.sort(key=lambda r: r.line_no)
-    write_label_file(out["labels"], kept)
+    try:
+        write_label_file(out["labels"], kept)
+    except ValueError as e:  # read_label_file lets no such field through; still, one line rather than a traceback
+        raise CleaningError(f"cannot write {out['labels']}: {e}") from None
+    removed: list[str] = []
+    if image_dir.is_dir():  # else there is no record, so no link to make or remove
+        removed = _update_links(data_path, cfg.split, image_dir, to_make, kept, rows, out["copies"])
     write_jsonl(out["report"], (asdict(r) for r in rows))
 
     result = CleaningResult(
         split=cfg.split, n_lines=len(rows), kept=dict(Counter(r.name.split("_", 1)[0] for r in kept)),
         dropped=sum(r.decision == DROPPED for r in rows),
         reasons=dict(Counter(f"{r.decision}: {r.reason}" for r in rows)), n_detected=n_detected, n_cached=n_cached,
-        input_notes=notes, outputs={k: str(v) for k, v in out.items()}, rows=rows,
+        input_notes=notes, outputs={"input": str(label_path), **{k: str(v) for k, v in out.items()}}, rows=rows,
+        links_removed=removed,
     )
     write_text(out["summary"], _summary_text(result, cfg, label_path, fingerprint))
     return result
+
+
+def _update_links(data_path: Path, split: str, image_dir: Path, to_make: Sequence[LineOutcome],
+                  kept: Sequence[LabelRecord], rows: Sequence[LineOutcome], copies_path: Path) -> list[str]:
+    """Make the new links, remove our links that no longer apply and record our copies; returns the removed names."""
+    copies = read_copies(copies_path)  # before this run adds its own
+    for row in to_make:
+        name, coded = str(row.name), str(row.coded_name)  # both set for every kept row
+        dst = image_dir / coded
+        try:
+            row.link = make_link(image_dir, name, coded)
+        except OSError as e:
+            raise CleaningError(f"cannot create {dst} ({e}); fix the folder and run the stage again") from None
+        if row.link is None:
+            raise CleaningError(f"{dst} appeared while the stage ran; run the stage again")
+    names = {r.name for r in rows if r.name is not None}  # every image name of the label file, even on a bad line
+    other = data_path / f"{SPLITS[1 - SPLITS.index(split)]}_images"
+    if other.is_dir() and other.resolve() == image_dir.resolve():
+        # Both splits share the folder: links to names this file does not mention may be the other split's.
+        log.warning("%s is also the %s image folder: only links to images named in this split's label file are "
+                    "cleaned up", image_dir, other.name.split("_")[0])
+        among: set[str] | None = names
+    else:
+        among = None
+    removed = remove_stale_links(image_dir, {r.name for r in kept}, names, copies, among)
+    if removed:
+        log.info("removed %d link(s) of a previous run that no longer apply (first: %s)", len(removed),
+                 image_dir / removed[0])
+    ours = {n for n in copies - set(removed) if (image_dir / n).is_file() and not (image_dir / n).is_symlink()}
+    ours |= {r.coded_name for r in to_make if r.link == "copy" and r.coded_name}
+    if ours or copies_path.exists():
+        write_json(copies_path, sorted(ours), indent=0)
+    return removed
 
 
 def _summary_text(result: CleaningResult, cfg: CleaningConfig, label_path: Path, fp: dict[str, Any] | None) -> str:
@@ -507,6 +675,8 @@ def _summary_text(result: CleaningResult, cfg: CleaningConfig, label_path: Path,
     per_cat = ", ".join(f"{c} {result.kept.get(c, 0)}" for c in CATEGORIES)
     lines.append(f"lines: {result.n_lines}; kept: {n_kept} ({per_cat}); dropped: {result.dropped}")
     lines.append(f"images detected in this run: {result.n_detected}; from the cache: {result.n_cached}")
+    if result.links_removed:
+        lines.append(f"links of a previous run removed (no longer apply): {len(result.links_removed)}")
     for decision in (KEPT, DROPPED):
         counts = sorted(((n, k) for k, n in result.reasons.items() if k.startswith(decision + ":")), reverse=True)
         if counts:

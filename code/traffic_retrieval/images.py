@@ -50,13 +50,14 @@ def _decode(path: Path) -> Image.Image:
 
 
 def check_image(path: str | os.PathLike) -> str | None:
-    """None if ``path`` is a usable image, else the reason (``missing``, ``empty file``, ``truncated (...)``, ...)."""
+    """None if ``path`` is a usable image, else the reason (``missing``, ``empty file``, ``truncated (...)``, ...).
+
+    No size check: PIL refuses a header with a zero width or height when it opens the file ("unreadable").
+    """
     try:
-        im = _decode(Path(path))
+        _decode(Path(path))
     except ImageReadError as e:
         return str(e)
-    if im.width < 1 or im.height < 1:
-        return "zero-sized image"
     return None
 
 

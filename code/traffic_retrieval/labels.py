@@ -7,9 +7,13 @@ Formats (see README "Data"):
 - ground truth for the official scorer (``cal_map_json.py``): ``text$img1$img2...``, one line per query.
 
 Files are read as bytes and decoded line by line, so one undecodable line is reported while the others are still read.
-A UTF-8 byte-order mark, CRLF line ends and trailing blank lines are accepted (editors add them); a blank line in the
-middle is reported, because it usually means a line was cut in two. Fields are kept exactly as written: the submission
-must repeat every query character for character, and the image names must match files on disk.
+A UTF-8 byte-order mark, CRLF line ends (any number of carriage returns before the LF) and trailing blank lines are
+accepted (editors add them); a blank line in the middle is reported, because it usually means a line was cut in two, and
+so is a carriage return left inside a line (a file with old-Mac CR-only line ends would otherwise read as one line). A
+UTF-16 file (Windows Notepad's "Unicode") is refused as a whole. Label fields are kept exactly as written, since the
+image names must match files on disk. Queries lose their outer whitespace (``str.strip``, with a warning), as the
+official baseline and the scored solutions read ``test_text.txt``, and ground-truth lines too, as the official scorer
+reads them: so the submission repeats each query as the scorer spells it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .fileio import atomic_open
 
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 SEP = "$"
 N_FIELDS = 3  # name, attribute, caption
 BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian
+CR_INSIDE = "carriage return inside the line (a file with CR-only line ends?)"
 MAX_LISTED_PROBLEMS = 10  # how many problems an exception message spells out before "... and N more"
 
 
@@ -61,15 +67,25 @@ class LineProblem:
 
 
 def raw_lines(path: str | os.PathLike, what: str) -> list[bytes]:
-    """The file's lines as bytes: BOM dropped, one line end (LF or CRLF) removed, trailing blank lines dropped."""
+    """The file's lines as bytes: BOM dropped, the line end (LF with any CRs before it) removed, trailing blank lines
+    dropped.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        LabelFormatError: the file is UTF-16 encoded (every line would otherwise be "not valid UTF-8").
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} not found: {p}")
     data = p.read_bytes()
+    if data.startswith(UTF16_BOMS):
+        raise LabelFormatError(f"{p} is UTF-16 encoded; save it as UTF-8")
     if data.startswith(BOM):
         data = data[len(BOM):]
-    # Split on LF only: str.splitlines would also split on \x0b, \x1c, U+2028 ... inside a caption.
-    lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in data.split(b"\n")]
+    # Split on LF only: str.splitlines would also split on \x0b, \x1c, U+2028 ... inside a caption. Every CR before
+    # the LF goes: a file converted to CRLF twice ends its lines in CR CR LF, and a CR left in a field cannot be
+    # written back.
+    lines = [ln.rstrip(b"\r") for ln in data.split(b"\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -87,28 +103,39 @@ def printable_line(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+def _text_lines(path: str | os.PathLike, what: str, problems: list[LineProblem]) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each usable line; an undecodable or blank line, or one with a CR left inside, is
+    appended to ``problems`` instead (the checks every format shares)."""
+    spath = str(path)
+    for i, raw in enumerate(raw_lines(path, what), start=1):
+        text = decode_line(raw)
+        if text is None:
+            problems.append(LineProblem(spath, i, "not valid UTF-8", printable_line(raw)))
+        elif not text.strip():
+            problems.append(LineProblem(spath, i, "blank line", text))
+        elif "\r" in text:
+            problems.append(LineProblem(spath, i, CR_INSIDE, text))
+        else:
+            yield i, text
+
+
 def read_label_file(path: str | os.PathLike) -> tuple[list[LabelRecord], list[LineProblem]]:
     """Leniently read a ``name$attribute$caption`` file (for the cleaning stages).
 
     Every bad line becomes a :class:`LineProblem` and is skipped; the good lines are returned in file order.
-    Problems: blank line in the middle, bytes that are not UTF-8, a field count other than 3, an empty (or
-    all-blank) field, and an image name seen before (the first occurrence is kept, later ones are reported).
+    Problems: blank line in the middle, bytes that are not UTF-8, a carriage return inside the line, a field count
+    other than 3, an empty (or all-blank) field, and an image name seen before (the first occurrence is kept, later
+    ones are reported).
 
     Raises:
         FileNotFoundError: the file does not exist.
+        LabelFormatError: the file is UTF-16 encoded.
     """
     spath = str(path)
     records: list[LabelRecord] = []
     problems: list[LineProblem] = []
     seen: dict[str, int] = {}
-    for i, raw in enumerate(raw_lines(path, "label file"), start=1):
-        text = decode_line(raw)
-        if text is None:
-            problems.append(LineProblem(spath, i, "not valid UTF-8", printable_line(raw)))
-            continue
-        if not text.strip():
-            problems.append(LineProblem(spath, i, "blank line", text))
-            continue
+    for i, text in _text_lines(path, "label file", problems):
         fields = text.split(SEP)
         if len(fields) != N_FIELDS:
             reason = f"expected 3 '$'-separated fields (name$attribute$caption), got {len(fields)}"
@@ -165,29 +192,35 @@ def write_label_file(path: str | os.PathLike, records: Iterable[LabelRecord]) ->
 
 
 def read_test_text(path: str | os.PathLike) -> list[str]:
-    """Read ``test_text.txt``: one query per line, returned exactly as written (only the line end removed).
+    """Read ``test_text.txt``: one query per line, without its outer whitespace.
 
-    An empty file gives an empty list (the caller decides whether that is an error).
+    Whitespace is stripped (``str.strip``) as the official baseline's ``infer_json.py`` and the scored solutions read
+    the file, and as the official scorer reads its ground truth, so the submission's texts are the scorer's; one
+    warning per file counts the lines that had some. An empty file gives an empty list (the caller decides whether
+    that is an error).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        LabelFormatError: a blank line in the middle, a line that is not UTF-8, or a ``$`` in a query
-            (``$`` is the ground truth's separator, so such a query could never be scored).
+        LabelFormatError: the file is UTF-16 encoded; or a blank line in the middle, a line that is not UTF-8, a
+            carriage return inside a line, or a ``$`` in a query (``$`` is the ground truth's separator, so such a
+            query could never be scored).
     """
     queries: list[str] = []
     problems: list[LineProblem] = []
-    for i, raw in enumerate(raw_lines(path, "query file"), start=1):
-        text = decode_line(raw)
-        if text is None:
-            problems.append(LineProblem(str(path), i, "not valid UTF-8", printable_line(raw)))
-        elif not text.strip():
-            problems.append(LineProblem(str(path), i, "blank line", text))
-        elif SEP in text:
+    padded: list[int] = []  # line numbers of queries with outer whitespace
+    for i, text in _text_lines(path, "query file", problems):
+        query = text.strip()
+        if SEP in query:
             problems.append(LineProblem(str(path), i, "a query must not contain '$'", text))
-        else:
-            queries.append(text)
+            continue
+        if query != text:
+            padded.append(i)
+        queries.append(query)
     if problems:
         raise LabelFormatError(f"{len(problems)} bad line(s) in {path}:\n{format_problems(problems)}")
+    if padded:
+        log.warning("%s: leading/trailing whitespace removed from %d query line(s), as the official baseline reads "
+                    "them (first: %s:%d)", path, len(padded), path, padded[0])
     return queries
 
 
@@ -198,18 +231,12 @@ def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        LabelFormatError: a blank or undecodable line in the middle, or an empty text or image name.
+        LabelFormatError: the file is UTF-16 encoded; or a blank or undecodable line in the middle, a carriage return
+            inside a line, or an empty text or image name.
     """
     rows: list[tuple[str, list[str]]] = []
     problems: list[LineProblem] = []
-    for i, raw in enumerate(raw_lines(path, "ground-truth file"), start=1):
-        text = decode_line(raw)
-        if text is None:
-            problems.append(LineProblem(str(path), i, "not valid UTF-8", printable_line(raw)))
-            continue
-        if not text.strip():
-            problems.append(LineProblem(str(path), i, "blank line", text))
-            continue
+    for i, text in _text_lines(path, "ground-truth file", problems):
         # The official scorer strips each ground-truth line before splitting it; do the same so that scores agree.
         query, *images = text.strip().split(SEP)
         if not query.strip():
