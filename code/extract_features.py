@@ -31,7 +31,7 @@ from traffic_retrieval.detection import DetectorError
 from traffic_retrieval.encoding import encode_texts
 from traffic_retrieval.fileio import atomic_open
 from traffic_retrieval.inference import FeatureSpec, load_model
-from traffic_retrieval.labels import LineProblem, decode_line, printable_line, raw_lines
+from traffic_retrieval.labels import LineProblem, text_lines
 from traffic_retrieval.modeling import list_models
 from traffic_retrieval.precision import PRECISIONS, default_precision
 from traffic_retrieval.search import default_cache_dir, encode_crops, encode_folder, folder_images
@@ -76,18 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_text_lines(path: Path) -> tuple[list[str], list[LineProblem]]:
-    """The texts of a file, one per line (only the line end removed), and the lines left out: blank, or not UTF-8.
-    Split on LF only, like every text file of the project: U+2028 or a form feed inside a text does not split it."""
-    texts, skipped = [], []
-    for i, raw in enumerate(raw_lines(path, "text file"), start=1):
-        text = decode_line(raw)
-        if text is None:
-            skipped.append(LineProblem(str(path), i, "not valid UTF-8", printable_line(raw)))
-        elif not text.strip():
-            skipped.append(LineProblem(str(path), i, "empty line", text))
-        else:
-            texts.append(text)
-    return texts, skipped
+    """The texts of a file, one per line (split on LF only, so a U+2028 or a form feed inside a text does not split
+    it), and the lines left out: blank, not UTF-8, or with a carriage return inside."""
+    skipped: list[LineProblem] = []
+    return [text for _, text in text_lines(path, "text file", skipped)], skipped
 
 
 def main(argv: list[str] | None = None) -> None:

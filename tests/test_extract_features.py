@@ -43,7 +43,7 @@ def test_writes_normalised_features_equal_to_the_model(setup, tiny_spm, load_scr
     assert f["image_features"].dtype == np.float32 and f["image_features"].shape == (3, 64)
     assert np.allclose(np.linalg.norm(f["image_features"], axis=1), 1, atol=1e-5)
     assert np.allclose(np.linalg.norm(f["text_features"], axis=1), 1, atol=1e-5)
-    assert "broken.jpg" in caplog.text and "q.txt:2: empty line" in caplog.text
+    assert "broken.jpg" in caplog.text and "q.txt:2: blank line" in caplog.text
     # the same numbers as encoding directly with the eval transform
     from traffic_retrieval.images import load_rgb
 

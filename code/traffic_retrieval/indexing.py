@@ -50,12 +50,10 @@ from .labels import (
     LabelFormatError,
     LabelRecord,
     LineProblem,
-    decode_line,
     format_problems,
-    printable_line,
-    raw_lines,
     read_label_file,
     read_test_text,
+    text_lines,
 )
 from .tokenizer import Tokenizer
 
@@ -274,11 +272,7 @@ def read_image_categories(path: str | os.PathLike) -> dict[str, str]:
     p = Path(path)
     out: dict[str, str] = {}
     problems: list[LineProblem] = []
-    for i, raw in enumerate(raw_lines(p, "image category file"), start=1):
-        text = decode_line(raw)
-        if text is None:
-            problems.append(LineProblem(str(p), i, "not valid UTF-8", printable_line(raw)))
-            continue
+    for i, text in text_lines(p, "image category file", problems):
         fields = text.split(SEP)
         if len(fields) != 2 or not fields[0]:
             problems.append(LineProblem(str(p), i, "expected 'name$category'", text))

@@ -103,7 +103,7 @@ def printable_line(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
-def _text_lines(path: str | os.PathLike, what: str, problems: list[LineProblem]) -> Iterator[tuple[int, str]]:
+def text_lines(path: str | os.PathLike, what: str, problems: list[LineProblem]) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of each usable line; an undecodable or blank line, or one with a CR left inside, is
     appended to ``problems`` instead (the checks every format shares)."""
     spath = str(path)
@@ -135,7 +135,7 @@ def read_label_file(path: str | os.PathLike) -> tuple[list[LabelRecord], list[Li
     records: list[LabelRecord] = []
     problems: list[LineProblem] = []
     seen: dict[str, int] = {}
-    for i, text in _text_lines(path, "label file", problems):
+    for i, text in text_lines(path, "label file", problems):
         fields = text.split(SEP)
         if len(fields) != N_FIELDS:
             reason = f"expected 3 '$'-separated fields (name$attribute$caption), got {len(fields)}"
@@ -208,7 +208,7 @@ def read_test_text(path: str | os.PathLike) -> list[str]:
     queries: list[str] = []
     problems: list[LineProblem] = []
     padded: list[int] = []  # line numbers of queries with outer whitespace
-    for i, text in _text_lines(path, "query file", problems):
+    for i, text in text_lines(path, "query file", problems):
         query = text.strip()
         if SEP in query:
             problems.append(LineProblem(str(path), i, "a query must not contain '$'", text))
@@ -236,7 +236,7 @@ def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
     """
     rows: list[tuple[str, list[str]]] = []
     problems: list[LineProblem] = []
-    for i, text in _text_lines(path, "ground-truth file", problems):
+    for i, text in text_lines(path, "ground-truth file", problems):
         # The official scorer strips each ground-truth line before splitting it; do the same so that scores agree.
         query, *images = text.strip().split(SEP)
         if not query.strip():
