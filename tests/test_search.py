@@ -238,8 +238,9 @@ def test_the_best_checkpoint_of_a_plain_training_run_by_its_tag_name(images, sea
     run = tmp_path / "pt_out_car"
     run.mkdir()
     shutil.copy(ckpt, run / "checkpoint-best.pth")  # what run_beit3_finetuning.py writes without DeepSpeed
-    by_tag = search(images, "--query", "A white Audi Sedan.", "--finetune", str(run / "checkpoint-best"), "--no_cache")
-    by_file = search(images, "--query", "A white Audi Sedan.", "--no_cache")
+    common = ["--query", "A white Audi Sedan.", "--no_cache", "--html", str(tmp_path / "p.html")]
+    by_tag = search(images, *common, "--finetune", str(run / "checkpoint-best"))
+    by_file = search(images, *common)
     assert [h.name for h in by_tag[0].hits] == [h.name for h in by_file[0].hits]
 
 
