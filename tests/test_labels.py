@@ -195,5 +195,7 @@ def test_ground_truth_errors(tmp_path: Path) -> None:
     p = _write(tmp_path, b"A car.$a.jpg\nA bus.$$b.jpg\n", "gt.txt")
     with pytest.raises(LabelFormatError, match=r"gt.txt:2: empty image name"):
         read_ground_truth(p)
+    p.write_bytes(b"A car.$\nA bus.$b.jpg$\n")  # trailing separators, which the official scorer also takes
+    assert read_ground_truth(p) == [("A car.", []), ("A bus.", ["b.jpg"])]
     with pytest.raises(ValueError, match="query"):
         write_ground_truth(tmp_path / "gt2.txt", [("A $ car.", ["a.jpg"])])

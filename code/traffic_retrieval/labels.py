@@ -227,7 +227,9 @@ def read_test_text(path: str | os.PathLike) -> list[str]:
 def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
     """Read the official scorer's ground truth: ``text$img1$img2...`` per line -> ``[(text, [img, ...]), ...]``.
 
-    A line with only the text (no ``$``) means a query without relevant images.
+    A line with only the text (``text`` or ``text$``) means a query without relevant images. A ``$`` at the end of a
+    line is a trailing separator (the official scorer reads it as the name "", which no submission can contain, so
+    it scores the same); an empty name anywhere else is an error.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -239,6 +241,8 @@ def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
     for i, text in text_lines(path, "ground-truth file", problems):
         # The official scorer strips each ground-truth line before splitting it; do the same so that scores agree.
         query, *images = text.strip().split(SEP)
+        if images and images[-1] == "":  # a trailing separator
+            images.pop()
         if not query.strip():
             problems.append(LineProblem(str(path), i, "empty query text", text))
         elif any(not im.strip() for im in images):
