@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for c in CATEGORIES:
         p.add_argument(f"--finetune_{c}", help=f"instead of --finetune: the {c} model, which answers the queries "
                                                f"about {c} (the text rule of stage 5)")
+    p.add_argument("--category", choices=("auto", *CATEGORIES), default="auto",
+                   help="with --finetune_car/--finetune_people: which model answers the queries; auto: each query's "
+                        "own, by the text rule of stage 5 (default: %(default)s)")
     p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm", help="(default: %(default)s)")
     p.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
     p.add_argument("--output_dir", default=None,
@@ -94,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"pass {choice}")
     if args.finetune is not None and per_category:
         p.error(f"pass either {choice}, not both (got --finetune and {', '.join(per_category)})")
+    if args.category != "auto" and args.finetune is not None:
+        p.error("--category chooses between --finetune_car and --finetune_people; with --finetune one model answers "
+                "every query")
     return args
 
 
@@ -105,8 +111,9 @@ def main(argv: list[str] | None = None) -> list[QueryResult]:
         queries = [args.query] if args.query is not None else read_queries(args.queries)
         relevance = read_relevance(args.gt) if args.gt else None
         checkpoints = {c: getattr(args, f"finetune_{c}") for c in CATEGORIES if getattr(args, f"finetune_{c}")}
-        if checkpoints:
-            route_queries(queries, checkpoints)  # a query without its model fails before any model is loaded
+        category = None if args.category == "auto" else args.category
+        if checkpoints:  # a query without its model fails before any model is loaded
+            route_queries(queries, checkpoints, category)
         cache_dir = args.cache_dir or default_cache_dir(args.images, args.output_dir)
         crops = None
         if args.detect:  # the crops live in the cache folder, also with --no_cache (that is for the features)
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> list[QueryResult]:
         else:
             searcher = build_category_searcher(args.images, args.model, checkpoints, args.sentencepiece_model,
                                                **opts)
-        results = searcher.search(queries, args.k)
+        results = (searcher.search(queries, args.k) if args.finetune is not None
+                   else searcher.search(queries, args.k, category))
     except (FileNotFoundError, ValueError, CheckpointError, DetectorError) as e:
         raise SystemExit(f"search.py: error: {e}") from None
     if relevance is not None:

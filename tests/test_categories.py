@@ -62,11 +62,21 @@ def test_real_vehicle_captions_are_cars(caption: str) -> None:
 
 @pytest.mark.parametrize(
     "caption", ["A man with a backpack.", "WOMAN in a skirt.", "A pedestrian with a hat.", "two men walking",
-                "She walks.", "a female with long sleeves"],
+                "She walks.", "a female with long sleeves", "A person with a backpack.", "A child wearing a hat.",
+                "A girl in a red dress.", "A boy with glasses.", "A lady with a handbag.", "people walking",
+                "someone carrying a bag", "a cyclist", "she is in a skirt"],
 )
 def test_shortened_pedestrian_queries_are_people(caption: str) -> None:
     # without "He "/"She " the 4th place's rule alone would send these to the car model
     assert text_category(caption) == "people"
+
+
+def test_no_vehicle_caption_of_any_brand_colour_and_type_is_people() -> None:
+    for brand in VEHICLE_BRANDS:
+        for kind in ("", *(" " + t for t in VEHICLE_TYPES)):
+            for colour in ("", *(c + " " for c in VEHICLE_COLOURS)):
+                caption = f"This is a {colour}{brand}{kind}."
+                assert text_category(caption) == "car", caption
 
 
 def test_attribute_category() -> None:

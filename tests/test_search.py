@@ -140,9 +140,19 @@ def test_queries_go_to_the_model_of_their_category(tiny_dataset, images, load_sc
                 else _brute_force(ckpt, tiny_spm, images, [q], 4))[0]
         assert [h.name for h in r.hits] == [n for n, _ in want]
         assert [h.score for h in r.hits] == pytest.approx([sc for _, sc in want], abs=1e-5)
+    assert [r.category for r in results] == [text_category(q) for q in queries]  # says which model answered
     page = (out / "search.html").read_text()
-    assert str(people_ckpt) in page and str(ckpt) in page
+    assert str(people_ckpt) in page and str(ckpt) in page and "(people model)" in page and "(car model)" in page
     assert len(list((out / "cache").glob("gallery_*.pt"))) == 2  # one cache per model
+
+    # --category: the user chooses the model, e.g. for a query the text rule cannot place
+    forced = load_script("search")["main"](
+        ["--images", str(images), "--queries", str(qfile), "--model", MODEL, "--finetune_car", str(ckpt),
+         "--finetune_people", str(people_ckpt), "--sentencepiece_model", str(tiny_spm), "--device", "cpu", "--k", "4",
+         "--output_dir", str(out), "--category", "car"])
+    assert [r.category for r in forced] == ["car"] * 3
+    want = _brute_force(ckpt, tiny_spm, images, queries, 4)
+    assert [[h.name for h in r.hits] for r in forced] == [[n for n, _ in w] for w in want]
 
 
 def test_a_query_without_its_category_model_fails_before_loading(tiny_dataset, images, load_script, ckpt,

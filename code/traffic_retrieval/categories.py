@@ -61,10 +61,16 @@ _CODE_RE = re.compile(r"[01](?:,[01]){%d}" % (len(PEDESTRIAN_ATTRIBUTES) - 1))
 _VEHICLE_ATTR_RE = re.compile(r"[A-Za-z][A-Za-z0-9&'\-]*(?: [A-Za-z0-9][A-Za-z0-9&'\-]*)*\.")
 # 4th-place rule: a pedestrian caption always has a sentence starting "He "/"She " (case-sensitive, as theirs).
 _PRONOUN_RE = re.compile(r"\b(?:He|She)\b")
-# Extension: gender/person words of the real pedestrian captions, as whole words in any case. Vehicle captions
-# never contain them; whole words keep "Mansory"/"Germany"-like names and "Omanian" from matching.
+# Extension: the gender/person words of the real pedestrian captions, and the everyday words a user searching
+# for people types ("A person with a backpack.", "a girl in a red dress"), as whole words in any case. Vehicle
+# captions ("This is a blue BMW Bus.") and brand names never contain them; whole words keep "Mansory"/"Germany"-like
+# names and "Omanian" from matching.
 _PERSON_WORD_RE = re.compile(
-    r"\b(?:fe)?males?\b|\bwom[ae]n\b|\bm[ae]n\b|\bpedestrians?\b|\bhis\b|\bher\b", re.IGNORECASE
+    r"\b(?:"
+    r"(?:fe)?males?|wom[ae]n|m[ae]n|pedestrians?|his|her|s?he|him"
+    r"|persons?|people|child(?:ren)?|kids?|boys?|girls?|lady|ladies|gentlem[ae]n|guys?|someone|somebody|cyclists?"
+    r")\b",
+    re.IGNORECASE,
 )
 
 
@@ -72,10 +78,12 @@ def text_category(caption: str) -> str:
     """Category of a caption or query: ``people`` or ``car``.
 
     Rule: ``people`` if the text contains the word ``He`` or ``She`` (capitalised, the 4th place's test) or, in any
-    case, one of the words female(s), male(s), woman/women, man/men, pedestrian(s), his, her (whole words);
-    everything else is ``car``. Every real pedestrian caption has a He/She sentence and a gender word, and no vehicle
-    caption has either, so the two tests agree on the real data; the word list keeps a query routed correctly when
-    it was shortened or rephrased (e.g. "A man with a backpack.").
+    case, one of the words female(s), male(s), woman/women, man/men, pedestrian(s), he, she, his, her, him,
+    person(s), people, child/children, kid(s), boy(s), girl(s), lady/ladies, gentleman/gentlemen, guy(s), someone,
+    somebody, cyclist(s) (whole words); everything else is ``car``. Every real pedestrian caption has a He/She
+    sentence and a gender word, and no vehicle caption has either, so the two tests agree on the real data; the word
+    list keeps a query routed correctly when it was shortened or rephrased (e.g. "A man with a backpack.", "A person
+    with a red umbrella.").
     """
     if _PRONOUN_RE.search(caption) or _PERSON_WORD_RE.search(caption):
         return "people"

@@ -71,6 +71,7 @@ class QueryResult:
     official_ap: float | None = None  # the challenge scorer's AP over the listed names
     ap_at_k: float | None = None  # standard AP@k (normalised by min(k, #relevant))
     num_relevant: int | None = None
+    category: str | None = None  # which category's model answered (per-category search), else None
 
 
 @dataclass
@@ -124,14 +125,17 @@ class Searcher:
         return out
 
 
-def route_queries(queries: Sequence[str], models: Collection[str]) -> list[str]:
-    """The category of each query (the text rule); ValueError naming the first query whose category is not in
-    ``models``."""
-    cats = [text_category(q) for q in queries]
+def route_queries(queries: Sequence[str], models: Collection[str], category: str | None = None) -> list[str]:
+    """The category of each query: ``category`` for all of them when given, else the text rule; ValueError naming
+    the first query whose category is not in ``models``."""
+    if category is not None and category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; choose one of {', '.join(CATEGORIES)}")
+    cats = [category or text_category(q) for q in queries]
     for i, (q, c) in enumerate(zip(queries, cats), start=1):
         if c not in models:
-            raise ValueError(f"query {i} ({q!r}) is about {c} by the text rule, but there is no {c} model: pass "
-                             f"--finetune_{c}")
+            why = "you asked for" if category else "by the text rule it is about"
+            raise ValueError(f"query {i} ({q!r}): {why} {c}, but there is no {c} model: pass --finetune_{c}"
+                             + ("" if category else " (or --category to choose the model yourself)"))
     return cats
 
 
@@ -150,13 +154,16 @@ class CategorySearcher:
             out.update((f"{k} ({c} queries)" if k in ("checkpoint", "gallery") else k, v) for k, v in s.info.items())
         return out
 
-    def search(self, queries: Sequence[str], k: int = 10) -> list[QueryResult]:
-        cats = route_queries(queries, self.searchers)
+    def search(self, queries: Sequence[str], k: int = 10, category: str | None = None) -> list[QueryResult]:
+        """The top ``k`` per query from the model of its category (``category`` for every query when given, else
+        the text rule); each result names the category that answered it."""
+        cats = route_queries(queries, self.searchers, category)
         out: list[QueryResult | None] = [None] * len(queries)
         for c, searcher in self.searchers.items():
             idx = [i for i, x in enumerate(cats) if x == c]
             if idx:
                 for i, r in zip(idx, searcher.search([queries[i] for i in idx], k)):
+                    r.category = c
                     out[i] = r
         return out  # type: ignore[return-value]  # every query had a model
 
@@ -313,7 +320,7 @@ def format_results(results: Sequence[QueryResult]) -> str:
     """A plain-text table per query: rank, score, hit/miss (with ground truth) and image name."""
     blocks = []
     for qi, r in enumerate(results, start=1):
-        head = f"query {qi}/{len(results)}: {r.text}"
+        head = f"query {qi}/{len(results)}{f' ({r.category} model)' if r.category else ''}: {r.text}"
         if r.official_ap is not None:
             head += f"\n  official AP {r.official_ap:.4f}, AP@{len(r.hits)} {r.ap_at_k:.4f}, {r.num_relevant} relevant"
         lines = [head, f"  {'rank':>4}  {'score':>7}  {'mark':<4}  image"]
@@ -379,7 +386,8 @@ def render_html(results: Sequence[QueryResult], title: str = "Text-to-image sear
     for qi, r in enumerate(results, start=1):
         ap = (f' <span class="ap">official AP {r.official_ap:.4f} &middot; AP@{len(r.hits)} {r.ap_at_k:.4f} '
               f"&middot; {r.num_relevant} relevant</span>") if r.official_ap is not None else ""
-        parts.append(f"<section><h2>{qi}. {e(r.text)}{ap}</h2><div class=\"grid\">")
+        model = f' <span class="ap">({e(r.category)} model)</span>' if r.category else ""
+        parts.append(f"<section><h2>{qi}. {e(r.text)}{model}{ap}</h2><div class=\"grid\">")
         for h in r.hits:
             if h.path not in thumbs:
                 thumbs[h.path] = thumbnail_data_uri(h.path, thumb_size)
