@@ -16,7 +16,7 @@ import torch
 
 from traffic_retrieval import runtime
 from traffic_retrieval.bench import run
-from traffic_retrieval.modeling import list_models
+from traffic_retrieval.modeling import canonical_model_name, list_models
 from traffic_retrieval.precision import PRECISIONS, default_precision
 
 SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text", "infer_stage", "attention")
@@ -24,7 +24,7 @@ SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text", "infer_stage",
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="beit3_nano_patch16_32", choices=list_models())
+    p.add_argument("--model", default="beit3_nano_patch16_32", type=canonical_model_name, choices=list_models())
     p.add_argument("--input_size", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--batch_size", type=int, default=8, help="pairs per training step")
     p.add_argument("--encode_batch", type=int, default=None, help="images per encoding batch (default: 4x batch)")

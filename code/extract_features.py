@@ -32,7 +32,7 @@ from traffic_retrieval.encoding import encode_texts
 from traffic_retrieval.fileio import atomic_open
 from traffic_retrieval.inference import FeatureSpec, load_model
 from traffic_retrieval.labels import LineProblem, text_lines
-from traffic_retrieval.modeling import list_models
+from traffic_retrieval.modeling import canonical_model_name, list_models
 from traffic_retrieval.precision import PRECISIONS, default_precision
 from traffic_retrieval.search import default_cache_dir, encode_crops, encode_folder, folder_images
 from traffic_retrieval.tokenizer import Tokenizer
@@ -42,7 +42,7 @@ log = logging.getLogger("extract_features")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, choices=list_models(), help="registered model name")
+    p.add_argument("--model", required=True, type=canonical_model_name, choices=list_models(), help="registered model name")
     p.add_argument("--finetune", required=True, help="checkpoint (.pth, DeepSpeed file or checkpoint directory)")
     p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm", help="needed with --texts")
     p.add_argument("--images", help="folder of images to encode")

@@ -30,7 +30,7 @@ from traffic_retrieval.distributed import cleanup, get_world_size, init_distribu
 from traffic_retrieval.inference import TASKS, InferConfig, run_inference
 from traffic_retrieval.labels import LabelFormatError
 from traffic_retrieval.metrics import METRIC_KEYS, OrderError
-from traffic_retrieval.modeling import list_models
+from traffic_retrieval.modeling import canonical_model_name, list_models
 from traffic_retrieval.precision import PRECISIONS
 
 log = logging.getLogger("infer")
@@ -41,7 +41,7 @@ DEFAULT_CHECKPOINT = "code/pt_out_{category}/checkpoint-best"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Every default path is relative to the repository root.")
-    p.add_argument("--model", default="beit3_large_patch16_384", choices=list_models(), help="(default: %(default)s)")
+    p.add_argument("--model", default="beit3_large_patch16_384", type=canonical_model_name, choices=list_models(), help="(default: %(default)s)")
     p.add_argument("--input_size", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--task", default="flickr30k", choices=TASKS, help="index file prefix (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch; texts use 4x (default: %(default)s)")

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="classify the test images with the detector (the rule of train_det_cls.py)")
     p.add_argument("--det_config", default=DEFAULT_DET_CONFIG, help="detector config (default: %(default)s)")
     p.add_argument("--det_checkpoint", default=DEFAULT_DET_CHECKPOINT, help="detector weights (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="detector device (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="detector device: auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--score_thr", type=float, default=DEFAULT_SCORE_THR, help="box score threshold (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     args = p.parse_args(argv)
@@ -61,7 +61,8 @@ def detect_categories(args: argparse.Namespace) -> dict[str, str]:
     """Run the detector over the test images and write ``test_image_categories.txt`` (undetected ones left out)."""
     data = Path(args.data_path)
     names, _bad = list_test_images(data / "test_images")
-    found = classify_images(data / "test_images", names, args.det_config, args.det_checkpoint, args.device,
+    device = str(runtime.resolve_device(args.device))
+    found = classify_images(data / "test_images", names, args.det_config, args.det_checkpoint, device,
                             args.score_thr, cache_path=data / "det_test_cache.jsonl")
     cats = {n: c for n, c in found.items() if c is not None}
     with atomic_open(data / "test_image_categories.txt") as f:

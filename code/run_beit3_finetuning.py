@@ -26,7 +26,7 @@ from traffic_retrieval import runtime
 from traffic_retrieval.checkpoint import CheckpointError
 from traffic_retrieval.data import DEDUP_MODES
 from traffic_retrieval.engine import NonFiniteLossError
-from traffic_retrieval.modeling import list_models
+from traffic_retrieval.modeling import canonical_model_name, list_models
 from traffic_retrieval.precision import PRECISIONS
 from traffic_retrieval.train import (
     DataConfig,
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
                         "identical text; none = the official loss (default: %(default)s)")
     g.add_argument("--num_workers", type=int, default=None, help="loader workers per process (default: by CPUs)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=list_models(), default=m.model)
+    g.add_argument("--model", type=canonical_model_name, choices=list_models(), default=m.model)
     g.add_argument("--input_size", type=int, default=None, help="image side (default: the model's)")
     g.add_argument("--drop_path", type=float, default=m.drop_path)
     g.add_argument("--vocab_size", type=int, default=None, help="text embedding rows (non-official configs only)")

@@ -28,7 +28,7 @@ from traffic_retrieval.categories import CATEGORIES
 from traffic_retrieval.checkpoint import CheckpointError
 from traffic_retrieval.crops import add_detection_arguments, check_detection_arguments, detect_crops_from_args
 from traffic_retrieval.detection import DetectorError
-from traffic_retrieval.modeling import list_models
+from traffic_retrieval.modeling import canonical_model_name, list_models
 from traffic_retrieval.precision import PRECISIONS
 from traffic_retrieval.search import (
     QueryResult,
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--query", help="one query text")
     q.add_argument("--queries", help="text file, one query per line")
-    p.add_argument("--model", default="beit3_large_patch16_384", choices=list_models(), help="(default: %(default)s)")
+    p.add_argument("--model", default="beit3_large_patch16_384", type=canonical_model_name, choices=list_models(), help="(default: %(default)s)")
     p.add_argument("--finetune", help="checkpoint: a .pth file or a DeepSpeed checkpoint directory")
     for c in CATEGORIES:
         p.add_argument(f"--finetune_{c}", help=f"instead of --finetune: the {c} model, which answers the queries "

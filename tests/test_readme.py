@@ -87,3 +87,14 @@ def test_python_example_runs(gallery_copy, tiny_spm, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("A black BESTUNE Sedan. [(")
     assert all(line.count(".jpg'") == 5 for line in lines)
+
+
+def test_official_model_names_with_the_retrieval_suffix_are_accepted(load_script, tmp_path):
+    # README "Models and weights": the official command lines say --model beit3_large_patch16_384_retrieval
+    name = "beit3_large_patch16_384_retrieval"
+    argvs = {"benchmark": [], "infer": [], "search": ["--images", "d", "--query", "q", "--finetune", "c.pth"],
+             "extract_features": ["--finetune", "c.pth", "--texts", "t.txt", "--out", "o.npz"]}
+    for script, argv in argvs.items():
+        assert load_script(script)["parse_args"](["--model", name, *argv]).model == "beit3_large_patch16_384"
+    cfg = load_script("run_beit3_finetuning")["parse_args"](["--category", "car", "--model", name])
+    assert cfg.model.model == "beit3_large_patch16_384"

@@ -377,10 +377,16 @@ def list_models() -> list[str]:
     return list(MODEL_CONFIGS)
 
 
+def canonical_model_name(name: str) -> str:
+    """``name`` without the official ``_retrieval`` suffix (an argparse ``type``: the official command lines say
+    ``--model beit3_large_patch16_384_retrieval``)."""
+    return name.removesuffix("_retrieval")
+
+
 def get_config(name: str, **overrides) -> BEiT3Config:
     """Config of a registered model; ``name`` may carry the official ``_retrieval`` suffix. ``overrides`` replace
     fields (e.g. ``img_size``, ``drop_path_rate``, ``checkpoint_activations``)."""
-    key = name.removesuffix("_retrieval")
+    key = canonical_model_name(name)
     if key not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
     unknown = set(overrides) - set(asdict(MODEL_CONFIGS[key]))
