@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> None:
     load_script("benchmark")["main"](
@@ -19,7 +21,12 @@ def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> Non
         ours, official = by[setting, "ours", None, "cudnn"], by[setting, "official", None, "default"]
         assert ours[unit] > 0 and official[unit] > 0 and ours["ratio"] == ours[unit] / official[unit]
         assert 0 < ours["mfu"] < 1 and ours["checkpointing"] == (setting == "train_ckpt")
-    assert by["infer_stage", "ours", None, "cudnn"]["seconds"] > 0
+    # text MFU counts the same work (the texts' real lengths) for both, whatever each pads to
+    ours, official = by["encode_text", "ours", None, "cudnn"], by["encode_text", "official", None, "default"]
+    work = [r["tflops"] * r["seconds_per_iter"] for r in (ours, official)]
+    assert abs(work[0] - work[1]) <= 1e-9 * work[1]
+    stage = by["infer_stage", "ours", None, "cudnn"]
+    assert stage["seconds"] > 0 and stage["warmup_seconds"] > 0
 
     # the attention op per preference: the kernel that ran and its error against the fp32 math kernel
     for shape, tokens in (("image", 5), ("text", 64)):
@@ -27,3 +34,14 @@ def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> Non
             r = by["attention", None, shape, sdpa]
             assert r["tokens"] == tokens and r["kernel"] in {"FLASH_ATTENTION", "MATH"}  # what a CPU has
             assert r["rel_err_out"] < 1e-5 and r["rel_err_grad"] < 1e-5 and r["seconds_fwd_bwd"] > 0
+
+
+def test_a_missing_reference_fails_before_any_timing(load_script, capsys, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchscale", None)  # "import torchscale" now raises ImportError
+    monkeypatch.setitem(sys.modules, "torchscale.model.BEiT3", None)
+    with pytest.raises(SystemExit, match=r"torchscale==0\.3\.0.*--reference none"):
+        load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "2", "--device", "cpu",
+                                          "--settings", "train"])
+    assert capsys.readouterr().out == ""  # nothing was timed first

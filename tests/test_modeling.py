@@ -196,6 +196,39 @@ def test_compiled_layers_match_the_official_features_and_eager_gradients(sdpa, c
     assert "recompile_limit" not in caplog.text
 
 
+def test_autocast_keeps_the_residual_stream_in_fp32_as_the_official_code():
+    """Under bf16 autocast the patch embedding is bf16; the fp32 CLS token and positions must promote the residual
+    stream of the image tower to fp32 (as official, and as the text tower), not be cast down to bf16."""
+    official, ours = _tiny_pair()
+    ours.load_state_dict(official.state_dict())
+    seen: list[torch.dtype] = []
+    for layer in ours.beit3.encoder.layers:
+        layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = official.image_features(images)
+        with torch.autocast("cpu", torch.bfloat16):
+            theirs, mine = official.image_features(images).float(), ours.encode_image(images).float()
+    assert seen == [torch.float32] * len(ours.beit3.encoder.layers)
+    # as close to the fp32 features as the official bf16 run (bf16 rounding differs a little between kernels)
+    assert (mine - ref).abs().max() <= 1.25 * (theirs - ref).abs().max()
+
+
+def test_compiled_layers_with_drop_path_share_their_graphs(caplog):
+    """The training recipe's drop path (a different rate in every layer) must not compile one graph per layer: with
+    timm's DropPath (a Python float rate) 12 layers ran past dynamo's limit and fell back to eager."""
+    from torch._dynamo.utils import counters
+
+    model = create_model("beit3_nano_patch16_32", depth=12, drop_path_rate=0.2).train()
+    counters.clear()
+    compile_layers(model, backend="eager")  # dynamo's graph capture alone: what recompiles is decided there
+    images, (tokens, mask) = torch.randn(2, 3, 32, 32), _texts(1024, [10, 20])
+    (model.encode_image(images) @ model.encode_text(tokens, mask).T).sum().backward()
+    # per tower: layer 0 (no drop path), the middle layers, the last (first token only)
+    assert counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"]
+    assert "recompile_limit" not in caplog.text
+
+
 def test_every_parameter_gets_a_gradient():
     m = create_model("beit3_nano_patch16_32").train()
     images, (tokens, mask) = torch.randn(2, 3, 32, 32), _texts(1024, [10, 20])

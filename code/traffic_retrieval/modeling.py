@@ -24,7 +24,6 @@ from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
@@ -170,6 +169,33 @@ class FeedForward(nn.Module):
         return self.fc2(self.ffn_layernorm(F.gelu(self.fc1(x))))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's ``DropPath``: drop the branch with probability ``p``, scale the kept ones
+    by 1 / (1 - p)).
+
+    The rate lives in a non-persistent buffer, not in a Python float: dynamo specialises on floats, so with timm's
+    module every layer (each has its own rate, linear in depth) compiled into its own graph and a 24-layer model with
+    drop path 0.2 ran past the recompile limit. As a tensor the rate is a graph input, and one graph serves every
+    layer. Not in the state dict, so the key names stay the official ones.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {p}")
+        self.p = p  # for repr only: forward reads the buffer
+        self.register_buffer("keep", torch.tensor(1.0 - p), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep.to(x.dtype))
+        return x * mask / self.keep.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: BEiT3Config, drop_path: float) -> None:
         super().__init__()
@@ -236,7 +262,9 @@ class Encoder(nn.Module):
         states [B, L, D], or [B, out_tokens, D] for the first ``out_tokens`` positions only: retrieval reads the
         first token alone, so the last layer computes its query, FFN and output for that token only (the same
         numbers, about 1/24 less work for large)."""
-        x = x + self.embed_positions(x.shape[1], split).to(x.dtype)
+        # No cast to x's dtype: under autocast the patch embedding is bf16/fp16, and adding the fp32 positions (and
+        # the fp32 CLS token) keeps the residual stream in fp32 for every layer, as in the official code (and timm).
+        x = x + self.embed_positions(x.shape[1], split)
         attn_mask = None
         if padding_mask is not None:
             pad = padding_mask.bool()
@@ -268,7 +296,7 @@ class VisionEmbedding(nn.Module):
                 "set --input_size to the model's image size"
             )
         x = self.proj(images).flatten(2).transpose(1, 2)  # [B, N, D]
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, N+1, D]
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, N+1, D], promoted to fp32
 
 
 class BEiT3(nn.Module):
@@ -358,7 +386,7 @@ MODEL_CONFIGS: dict[str, BEiT3Config] = {
 }
 
 
-def compile_layers(model: BEiT3Retrieval) -> BEiT3Retrieval:
+def compile_layers(model: BEiT3Retrieval, backend: str = "inductor") -> BEiT3Retrieval:
     """``torch.compile`` each encoder layer in place (parameter names, hence checkpoints, stay the same).
 
     One layer's code runs in up to a dozen variants (image / text, all tokens / first token in the last layer,
@@ -369,7 +397,7 @@ def compile_layers(model: BEiT3Retrieval) -> BEiT3Retrieval:
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
     for layer in model.beit3.encoder.layers:
-        layer.compile()
+        layer.compile(backend=backend)
     return model
 
 
