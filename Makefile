@@ -30,7 +30,7 @@ demo: install
 	OMP_NUM_THREADS=$(THREADS) DS_ACCELERATOR=cpu $(PY) code/demo.py --threads $(THREADS)
 
 bench: install
-	$(PY) code/benchmark.py --model beit3_tiny_patch16_64 --batch_size 8 --device cpu
+	$(PY) code/benchmark.py --model beit3_tiny_patch8_64 --batch_size 16 --device cpu
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,7 +11,9 @@ Stages, in the original's order (each is a subprocess running the script named i
     5. infer.py                  -> runs/demo/infer_json_all.json (+ car / people files)
     then evaluate.py (official mAP@10, R@K, random baseline) and search.py (HTML contact sheets).
 Everything is written under ``dataset/demo/`` and ``runs/demo/``. Re-running reuses the dataset and the detection
-cache and resumes finished training runs; ``--fresh`` starts over.
+cache and resumes finished training runs; ``--fresh`` starts over. The demo deletes only folders it made itself (a
+dataset with the generator's ``meta.json``, outputs with the demo's marker file): any other non-empty ``--data`` or
+``--out`` is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ import sys
 import time
 from pathlib import Path
 
-from traffic_retrieval.demo_data import DEFAULT_COUNTS, GENERATOR_VERSION
+from traffic_retrieval.demo_data import (
+    DEFAULT_COUNTS,
+    DEFAULT_DIRTY_FRACTION,
+    GENERATOR,
+    GENERATOR_VERSION,
+    dirty_count,
+    is_demo_dataset,
+    read_meta,
+)
 from traffic_retrieval.fileio import write_json, write_text
 
 log = logging.getLogger("demo")
@@ -41,25 +51,51 @@ MODEL = "beit3_tiny_patch8_64"
 INPUT_SIZE = "64"
 EPOCHS = {"car": 34, "people": 30}
 # Real runs fine-tune both categories from the pretrained BEiT-3 retrieval checkpoint, which cannot be downloaded
-# here. Trained from scratch, the pedestrian model often stalls: its text tower collapses onto gender alone
-# (captions that differ in view, hat or backpack end at cosine 1.000), a symmetric plateau some seeds never leave
-# (60 epochs, training seeds 0/1/2: 0.67/0.48/0.62 official test mAP@10). Started from the car model, whose text tower
-# already reads its tokens, 30 epochs gave 0.86/0.96 (seeds 0/1). So the car model is trained first and stands in
-# for the pretrained checkpoint of the pedestrian one.
+# here. Trained from scratch, the pedestrian model often stalled: its text tower collapsed onto gender alone
+# (captions that differ in view, hat or backpack ended at cosine 1.000), a symmetric plateau some seeds never left.
+# Started from the car model, whose text tower already reads its tokens, 30 epochs gave 0.984/0.899/0.831 official
+# test mAP@10 for people (seeds 0/1/2, this recipe; README, "The demo on a CPU"). So the car model is trained first
+# and stands in for the pretrained checkpoint of the pedestrian one.
 FINETUNE_FROM = {"people": "car"}
 # Vehicles keep the official random crop; pedestrians are only resized, since a crop cuts off the hat a caption names.
 TRAIN_CROP = {"car": "official", "people": "resize"}
 WARMUP_EPOCHS = 2
-TRAIN_FLAGS = ["--batch_size", "32", "--lr", "5e-4", "--min_lr", "1e-5",
+BATCH_SIZE = 32
+TRAIN_FLAGS = ["--batch_size", str(BATCH_SIZE), "--lr", "5e-4", "--min_lr", "1e-5",
                "--layer_decay", "1.0", "--weight_decay", "0.05", "--drop_path", "0.0", "--save_ckpt_freq", "100",
                "--people_pad", "0", "--dedup", "relevance"]
+# Written into --out when the demo makes it: only a folder holding it (or, from a demo.py older than the marker,
+# train_recipe.json) is one the demo may clear.
+OUT_MARKER = ".demo_outputs"
+LEGACY_OUT_MARKER = "train_recipe.json"
+DEFAULT_SPM = "model_pth/demo/beit3_demo.spm"
+SPM_MARKER = ".demo"  # <spm>.demo next to a tokenizer the demo trained: a later run may overwrite it
+
+
+def fewest_images(per_category: int) -> int:
+    """The smallest split size (half vehicles, rounded down) that leaves every category ``per_category`` images
+    after the cleaning stage has dropped the split's deliberately dirty ones, in the worst case all of one category."""
+    n = 2 * per_category
+    while n // 2 - dirty_count(n, DEFAULT_DIRTY_FRACTION) < per_category:
+        n += 1
+    return n
+
+
+# The smallest dataset the pipeline runs through, and why: training stops when a category has fewer images than
+# one batch (the loader drops a partial one), indexing when a category has no val image; test images are never dirty.
+MIN_IMAGES: dict[str, tuple[int, str]] = {
+    "n_train": (fewest_images(BATCH_SIZE), f"each category needs one training batch of {BATCH_SIZE} images after "
+                                           "the cleaning stage drops the deliberately mislabelled ones"),
+    "n_val": (fewest_images(1), "each category needs a val image after the cleaning stage"),
+    "n_test": (10, "the random-ranking baseline draws 10 test images per query"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="dataset/demo", help="where the synthetic dataset goes (default: %(default)s)")
     p.add_argument("--out", default="runs/demo", help="tokenizer, checkpoints, results, plots (default: %(default)s)")
-    p.add_argument("--spm", default="model_pth/demo/beit3_demo.spm",
+    p.add_argument("--spm", default=DEFAULT_SPM,
                    help="where the tokenizer trained on the demo captions goes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -68,12 +104,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=2, choices=(1, 2),
                    help="run the two categories' detection and search stages as parallel processes "
                         "(default: %(default)s)")
-    p.add_argument("--n_train", type=int, default=None, help="override the dataset size (quick runs)")
-    p.add_argument("--n_val", type=int, default=None)
-    p.add_argument("--n_test", type=int, default=None)
+    for split in ("train", "val", "test"):
+        p.add_argument(f"--n_{split}", type=int, default=None,
+                       help=f"override the {split} images (quick runs; at least {MIN_IMAGES[f'n_{split}'][0]}, "
+                            f"default {DEFAULT_COUNTS[split]})")
     p.add_argument("--epochs", type=int, default=None, help="override the training epochs (quick runs)")
-    p.add_argument("--fresh", action="store_true", help="delete the demo dataset and outputs first")
-    return p.parse_args(argv)
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the demo dataset and outputs first (only folders the demo made; others are refused)")
+    args = p.parse_args(argv)
+    # Checked here, not by the stage that fails on them after minutes of dataset generation and detection.
+    limits = {**MIN_IMAGES, "epochs": (1, "nothing would be trained"), "threads": (1, "torch needs a thread"),
+              "seed": (0, "the dataset generator takes no negative seed")}
+    for name, (least, why) in limits.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            p.error(f"--{name} must be at least {least}, got {value}: {why}")
+    return args
 
 
 class Runner:
@@ -128,14 +174,52 @@ class Runner:
 
 def dataset_matches(data: Path, seed: int, counts: dict[str, int | None]) -> bool:
     """Whether ``data`` holds the demo dataset this run asks for (generator version, seed, images per split)."""
-    meta = data / "meta.json"
-    if not meta.is_file():
+    m = read_meta(data)
+    if m is None or m.get("generator") != GENERATOR:
         return False
-    m = json.loads(meta.read_text())
     have = {f"n_{split}": sum(m.get("counts", {}).get(split, {}).values()) for split in ("train", "val", "test")}
     want = {k: DEFAULT_COUNTS[k[2:]] if v is None else v for k, v in counts.items()}
     return (m.get("seed") == seed and m.get("style") == "demo" and m.get("version") == GENERATOR_VERSION
             and have == want)
+
+
+def is_demo_outputs(out: Path) -> bool:
+    """Whether ``out`` is an output folder this script made (its marker file, or an older demo's recipe record)."""
+    return (out / OUT_MARKER).is_file() or (out / LEGACY_OUT_MARKER).is_file()
+
+
+def check_folders(data: Path, out: Path) -> None:
+    """Refuse, before anything is written or deleted, a ``--data`` or ``--out`` the demo may not replace: a file, or
+    a non-empty folder it did not make (the demo replaces its dataset and clears its outputs when it starts over)."""
+    problems = []
+    a, b = data.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        problems.append(f"--data {data} and --out {out} must be separate folders, neither inside the other")
+    for flag, path, ours, what in (
+            ("--data", data, is_demo_dataset, f"holds no demo dataset (no meta.json written by {GENERATOR})"),
+            ("--out", out, is_demo_outputs, f"holds no demo outputs (no {OUT_MARKER} or {LEGACY_OUT_MARKER})")):
+        if path.exists() and not path.is_dir():
+            problems.append(f"{flag} {path} is not a folder")
+        elif path.is_dir() and any(path.iterdir()) and not ours(path):
+            problems.append(f"{flag} {path} is not empty and {what}")
+    if problems:
+        raise SystemExit("demo: " + "; ".join(problems) + ". The demo replaces or deletes only folders it made "
+                         "itself and leaves these as they are: choose a new or empty folder.")
+
+
+def check_tokenizer(spm: Path) -> None:
+    """Refuse to overwrite a tokenizer the demo did not train (e.g. ``--spm model_pth/beit3.spm``, the official one):
+    only the default demo path, or a file with the demo's ``<spm>.demo`` marker, is rewritten."""
+    if spm.exists() and spm.resolve() != (ROOT / DEFAULT_SPM).resolve() and not spm.with_name(
+            spm.name + SPM_MARKER).is_file():
+        raise SystemExit(f"demo: --spm {spm} exists and was not trained by the demo (no {spm.name}{SPM_MARKER} "
+                         "next to it): the demo trains its own tokenizer and would overwrite it; choose another path")
+
+
+def make_out(out: Path) -> None:
+    """Create the output folder (if need be) with the marker that lets a later run clear it."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / OUT_MARKER, "Outputs of code/demo.py: it clears this folder for a new dataset or --fresh.\n")
 
 
 def training_recipe(seed: int, epochs: dict[str, int]) -> dict:
@@ -177,10 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     data, out = Path(args.data), Path(args.out)
-    if args.fresh:
+    check_folders(ROOT / data, ROOT / out)
+    check_tokenizer(ROOT / args.spm)
+    if args.fresh:  # both are the demo's own (or empty) after check_folders
         for p in (data, out):
             shutil.rmtree(ROOT / p, ignore_errors=True)
-    (ROOT / out).mkdir(parents=True, exist_ok=True)
+    make_out(ROOT / out)
     r = Runner(ROOT / out, args.threads)
     t_start = time.perf_counter()
     spm = args.spm
@@ -193,14 +279,17 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         # Outputs of an earlier dataset belong to it: its checkpoints (which --auto_resume would refuse: other
         # index files), tokenizer and caches. The demo starts its training anew instead of stopping there.
-        if any((ROOT / out).iterdir()):
+        if any(p.name != OUT_MARKER for p in (ROOT / out).iterdir()):
             log.info("[dataset] new dataset: clearing the earlier outputs in %s", out)
             shutil.rmtree(ROOT / out)
-            (ROOT / out).mkdir(parents=True)
+            make_out(ROOT / out)
         extra = [x for k, v in counts.items() if v is not None for x in (f"--{k}", str(v))]
-        r.run("dataset", "code/make_demo_dataset.py", ["--out", str(data), "--seed", str(args.seed), "--force", *extra])
+        # --force replaces only an earlier demo dataset (check_folders refused any other non-empty --data)
+        force = ["--force"] if is_demo_dataset(ROOT / data) else []
+        r.run("dataset", "code/make_demo_dataset.py", ["--out", str(data), "--seed", str(args.seed), *force, *extra])
     r.run("tokenizer", "code/train_tokenizer.py",
           ["--labels", str(train_dir / "train_label.txt"), str(train_dir / "val_label.txt"), "--out", spm])
+    write_text(ROOT / (spm + SPM_MARKER), "Trained by code/demo.py, which may overwrite it on a later run.\n")
 
     # 1. detection and cleaning (train and val in parallel)
     det = ["--data_path", str(train_dir), "--det_config", DET_CONFIG, "--det_checkpoint", DET_CHECKPOINT,

@@ -13,7 +13,7 @@ import argparse
 import logging
 
 from traffic_retrieval import runtime
-from traffic_retrieval.demo_data import DEFAULT_COUNTS, STYLES, generate
+from traffic_retrieval.demo_data import DEFAULT_COUNTS, DEFAULT_DIRTY_FRACTION, STYLES, generate
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_test", type=int, default=DEFAULT_COUNTS["test"], help="test images (half vehicles)")
     p.add_argument("--min_size", type=int, default=64, help="smallest long image side in pixels")
     p.add_argument("--max_size", type=int, default=128, help="largest long image side in pixels")
-    p.add_argument("--dirty_fraction", type=float, default=0.02,
+    p.add_argument("--dirty_fraction", type=float, default=DEFAULT_DIRTY_FRACTION,
                    help="share of train/val images that do not match their label, for the cleaning stage")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace the dataset an earlier run wrote to --out (a folder without its meta.json is never "
+                        "replaced)")
     args = p.parse_args(argv)
     for name in ("n_train", "n_val", "n_test"):
         if getattr(args, name) < 0:

@@ -17,7 +17,7 @@ from traffic_retrieval.categories import (
     is_relevant,
     text_category,
 )
-from traffic_retrieval.demo_data import DEMO_BRANDS, _brand_mark, generate
+from traffic_retrieval.demo_data import DEMO_BRANDS, DEMO_COLOURS, DEMO_TYPES, _brand_mark, generate, is_demo_dataset
 from traffic_retrieval.labels import read_ground_truth, read_label_file_strict, read_test_text
 
 TINY = {"n_train": 24, "n_val": 12, "n_test": 16}
@@ -39,6 +39,8 @@ def test_layout_and_label_formats(tiny_dataset: Path) -> None:
     assert meta["seed"] == 0 and meta["style"] == "demo"
     expected = {"train": {"car": 12, "people": 12}, "val": {"car": 6, "people": 6}, "test": {"car": 8, "people": 8}}
     assert meta["counts"] == expected
+    # the vocabulary the demo style draws from, which is what meta.json must list
+    assert (meta["colours"], meta["brands"], meta["types"]) == (list(DEMO_COLOURS), list(DEMO_BRANDS), list(DEMO_TYPES))
     all_names: set[str] = set()
     dirs = (("train", "train/train_images"), ("val", "train/val_images"), ("test", "test/test_images"))
     for split, image_dir in dirs:
@@ -60,7 +62,8 @@ def test_layout_and_label_formats(tiny_dataset: Path) -> None:
             if cat == "car":
                 # demo style: train captions composed like the test queries, attribute "colour Brand Type."
                 words = r.attribute[:-1].split(" ")
-                assert r.attribute.endswith(".") and words[1] in DEMO_BRANDS and len(words) == 3
+                assert r.attribute.endswith(".") and len(words) == 3
+                assert words[0] in meta["colours"] and words[1] in meta["brands"] and words[2] in meta["types"]
                 assert r.caption.endswith(" ".join(words) + ".")
             with Image.open(root / image_dir / r.name) as im:
                 assert im.format == "JPEG" and im.mode == "RGB"
@@ -185,6 +188,21 @@ def test_refuses_to_overwrite_unless_forced(tmp_path: Path, load_script) -> None
     assert not (out / "user_file.txt").exists()
     assert json.loads((out / "meta.json").read_text())["seed"] == 5
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary directories left behind
+
+
+def test_force_never_replaces_a_folder_it_did_not_generate(tmp_path: Path, load_script) -> None:
+    """--force replaces an earlier generated dataset only: a typo'd --out (the real dataset) is kept as it is."""
+    script = load_script("make_demo_dataset")
+    out = tmp_path / "dataset"
+    label = out / "train" / "train_label.txt"
+    label.parent.mkdir(parents=True)
+    label.write_text("a.jpg$red Audi Sedan.$A red Audi Sedan.\n")
+    (out / "meta.json").write_text('{"note": "a meta.json of someone else"}')
+    assert not is_demo_dataset(out)
+    with pytest.raises(SystemExit, match="holds no generated dataset .*never replaced, not even with --force"):
+        script["main"](["--out", str(out), "--n_train", "4", "--n_val", "2", "--n_test", "4", "--force"])
+    assert label.read_text().startswith("a.jpg$") and sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train"]
 
 
 def test_bad_arguments(tmp_path: Path, load_script) -> None:

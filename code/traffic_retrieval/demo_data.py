@@ -39,6 +39,7 @@ sibling directory and moved into place at the end, so an interrupted run leaves 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -70,7 +71,9 @@ STYLES: tuple[str, ...] = ("demo", "real")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_COUNTS: dict[str, int] = {"train": 2400, "val": 300, "test": 400}
 JPEG_QUALITY = 90
+GENERATOR = "traffic_retrieval.demo_data"  # meta.json's "generator": marks the folders this module made
 GENERATOR_VERSION = 4  # bump when the drawing or captions change, so meta.json tells datasets apart
+DEFAULT_DIRTY_FRACTION = 0.02
 COCO_CATEGORIES = [{"id": 0, "name": "person"}, {"id": 1, "name": "car"}]
 COCO_ID = {"people": 0, "car": 1}
 SUPERSAMPLE = 2  # objects are drawn at 2x and downsampled: smooth edges at 64 px for little cost
@@ -284,11 +287,15 @@ def _sample_pedestrian_bits(rng: np.random.Generator, style: str) -> list[int]:
     return bits
 
 
+def vehicle_vocabulary(style: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(colours, brands, types) the vehicles of a caption style are drawn from (and ``meta.json`` lists)."""
+    if style == "demo":
+        return DEMO_COLOURS, DEMO_BRANDS, DEMO_TYPES
+    return VEHICLE_COLOURS, VEHICLE_BRANDS, VEHICLE_TYPES
+
+
 def _sample_vehicle(rng: np.random.Generator, style: str) -> _Vehicle:
-    demo = style == "demo"
-    colours = DEMO_COLOURS if demo else VEHICLE_COLOURS
-    brands = DEMO_BRANDS if demo else VEHICLE_BRANDS
-    types = DEMO_TYPES if demo else VEHICLE_TYPES
+    colours, brands, types = vehicle_vocabulary(style)
     return _Vehicle(
         colours[int(rng.integers(len(colours)))],
         brands[int(rng.integers(len(brands)))],
@@ -870,7 +877,7 @@ def _make_split(
                 attribute, caption = _pedestrian_label(content, style, rng)
             samples.append(_Sample(name, category, attribute, caption, content=content))
     if split != "test" and samples and dirty_fraction > 0:
-        n_dirty = int(round(dirty_fraction * len(samples)))
+        n_dirty = dirty_count(len(samples), dirty_fraction)
         for k, i in enumerate(sorted(rng.choice(len(samples), size=n_dirty, replace=False).tolist())):
             samples[i].dirty = ("empty", "wrong_category")[k % 2]
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -883,10 +890,40 @@ def _make_split(
     return samples
 
 
+def dirty_count(n: int, dirty_fraction: float) -> int:
+    """How many of a train or val split's ``n`` images are drawn dirty (the cleaning stage should drop them)."""
+    return int(round(dirty_fraction * n))
+
+
+def read_meta(root: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``meta.json`` of a dataset root, or None when there is none or it is not a JSON object."""
+    try:
+        meta = json.loads((Path(root) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable or not JSON: not a dataset of ours
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_demo_dataset(root: str | os.PathLike) -> bool:
+    """Whether ``root`` holds a dataset this module generated (its ``meta.json`` names the generator): the only
+    kind of folder that ``generate(force=True)`` and the demo replace or delete."""
+    meta = read_meta(root)
+    return meta is not None and meta.get("generator") == GENERATOR
+
+
 def _prepare_out(out_dir: Path, force: bool) -> None:
+    """Refuse an ``out_dir`` that holds anything but an earlier demo dataset, and that one unless ``force``."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not is_demo_dataset(out_dir):
+        # --force must not become a way to delete a user's folder (a typo, the real dataset): only our own output
+        raise FileExistsError(
+            f"--out {out_dir} is not empty and holds no generated dataset (no meta.json written by {GENERATOR}); "
+            "it is never replaced, not even with --force: choose a new or empty folder"
+        )
+    if not force:
         raise FileExistsError(f"--out {out_dir} exists and is not empty; pass --force to replace it")
 
 
@@ -899,13 +936,14 @@ def generate(
     n_test: int = DEFAULT_COUNTS["test"],
     min_size: int = 64,
     max_size: int = 128,
-    dirty_fraction: float = 0.02,
+    dirty_fraction: float = DEFAULT_DIRTY_FRACTION,
     force: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Generate the synthetic dataset under ``out_dir`` (layout in the module docstring).
 
     Args:
-        out_dir: dataset root; must be missing or empty unless ``force`` (then it is replaced).
+        out_dir: dataset root; must be missing or empty, or with ``force`` hold a dataset generated here earlier
+            (which is then replaced; any other folder is refused).
         seed: random seed; the same arguments give byte-identical files.
         style: ``demo`` (learnable) or ``real`` (mirrors the real captions and their train/test mismatch).
         n_train, n_val, n_test: images per split, half vehicles (rounded down) and half pedestrians; 0 is allowed
@@ -913,7 +951,7 @@ def generate(
         min_size, max_size: range of the long image side in pixels.
         dirty_fraction: share of train/val images whose picture does not match the label (no object, or the other
             category), for the cleaning stage to find; listed in ``meta.json``.
-        force: replace a non-empty ``out_dir``.
+        force: replace an earlier generated dataset in ``out_dir``.
 
     Returns:
         Image counts, ``{"train": {"car": n, "people": n}, "val": {...}, "test": {...}}``.
@@ -958,8 +996,9 @@ def generate(
                     progress,
                 )
         _write_texts(tmp, splits, rng)
+        colours, brands, types = vehicle_vocabulary(style)
         meta = {
-            "generator": "traffic_retrieval.demo_data",
+            "generator": GENERATOR,
             "version": GENERATOR_VERSION,
             "seed": seed,
             "style": style,
@@ -968,9 +1007,9 @@ def generate(
             "dirty_fraction": dirty_fraction,
             "counts": counts,
             "dirty": {split: {s.name: s.dirty for s in splits[split] if s.dirty} for split in ("train", "val")},
-            "colours": list(DEMO_COLOURS if style == "demo" else VEHICLE_COLOURS),
-            "brands": list(DEMO_BRANDS if style == "demo" else VEHICLE_BRANDS),
-            "types": list(VEHICLE_TYPES),
+            "colours": list(colours),
+            "brands": list(brands),
+            "types": list(types),
             "pedestrian_attributes": list(DEMO_PEDESTRIAN_ATTRIBUTES if style == "demo" else PEDESTRIAN_ATTRIBUTES),
         }
         write_json(tmp / "meta.json", meta, indent=1)
