@@ -57,10 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def detect_categories(args: argparse.Namespace) -> dict[str, str]:
-    """Run the detector over the test images and write ``test_image_categories.txt`` (undetected ones left out)."""
+def detect_categories(args: argparse.Namespace, names: list[str]) -> dict[str, str]:
+    """Run the detector over the usable test images ``names`` and write ``test_image_categories.txt`` (undetected
+    ones left out)."""
     data = Path(args.data_path)
-    names, _bad = list_test_images(data / "test_images")
     device = str(runtime.resolve_device(args.device))
     found = classify_images(data / "test_images", names, args.det_config, args.det_checkpoint, device,
                             args.score_thr, cache_path=data / "det_test_cache.jsonl")
@@ -76,9 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         tokenizer = Tokenizer(args.sentencepiece_model)
         cats = read_image_categories(args.image_categories) if args.image_categories else None
+        images = None
         if args.detect:
-            cats = detect_categories(args)
-        summary = build_test_index(args.data_path, tokenizer, image_categories=cats, text_file=args.text_file)
+            images = list_test_images(Path(args.data_path) / "test_images")  # checked once, for both steps
+            cats = detect_categories(args, images[0])
+        summary = build_test_index(args.data_path, tokenizer, image_categories=cats, text_file=args.text_file,
+                                   images=images)
     except (FileNotFoundError, ValueError, DetectorError) as e:
         raise SystemExit(f"jsonl_test: {e}") from None
     return summary

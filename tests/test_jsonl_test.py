@@ -181,13 +181,19 @@ def test_check_image_and_load_rgb(tmp_path: Path) -> None:
         load_rgb(tmp_path / "trunc.jpg")
 
 
-def test_detect_classifies_test_images_with_the_shipped_detector(dataset_copy: Path, tiny_spm: Path, script) -> None:
+def test_detect_classifies_test_images_with_the_shipped_detector(dataset_copy: Path, tiny_spm: Path, script,
+                                                                  monkeypatch) -> None:
+    import traffic_retrieval.indexing as indexing
     from traffic_retrieval.detection import DEMO_DET_CHECKPOINT, DEMO_DET_CONFIG, load_true_categories
 
     root = Path(__file__).resolve().parents[1]
     test_dir = dataset_copy / "test"
     args = ("--detect", "--det_config", str(root / DEMO_DET_CONFIG), "--det_checkpoint", str(root / DEMO_DET_CHECKPOINT))
+    checked: list[str] = []
+    real_check = indexing.check_image
+    monkeypatch.setattr(indexing, "check_image", lambda p: checked.append(Path(p).name) or real_check(p))
     summary = _run(script, test_dir, tiny_spm, *args)
+    assert sorted(checked) == sorted(p.name for p in (test_dir / "test_images").iterdir())  # each image checked once
     truth = {Path(k).name: v for k, v in load_true_categories(dataset_copy / "annotations" / "test_boxes.json").items()}
     written = dict(line.split("$") for line in (test_dir / "test_image_categories.txt").read_text().splitlines())
     rows = {Path(r["image_path"]).name: r["category"] for r in _jsonl(test_dir / "flickr30k.test.jsonl")}

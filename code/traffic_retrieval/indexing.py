@@ -293,8 +293,10 @@ def build_test_index(
     tokenizer: Tokenizer,
     image_categories: Mapping[str, str] | None = None,
     text_file: str = DEFAULT_TEXT_FILE,
+    images: tuple[list[str], list[tuple[str, str]]] | None = None,
 ) -> dict[str, Any]:
-    """Write the test index files (see the module docstring) into ``data_path``.
+    """Write the test index files (see the module docstring) into ``data_path``. ``images``: the
+    :func:`list_test_images` of ``test_images/`` when the caller already has it (checking decodes every image).
 
     Returns:
         A summary: numbers of queries and images per category (``None`` for unknown) and the excluded images.
@@ -309,7 +311,7 @@ def build_test_index(
     queries = read_test_text(text_path)
     if not queries:
         raise IndexBuildError(f"{text_path} has no query")
-    good, bad = list_test_images(data_path / TEST_IMAGE_DIR)
+    good, bad = images if images is not None else list_test_images(data_path / TEST_IMAGE_DIR)
     if bad:
         log.warning("excluded %d unusable test image(s) from the gallery:\n%s", len(bad),
                     format_problems([f"{data_path / TEST_IMAGE_DIR / n}: {why}" for n, why in bad], limit=50))
