@@ -4,7 +4,8 @@ Reads: an image folder (``--images``) and/or a text file with one text per line 
 Writes: one ``.npz`` (``--out``) with ``image_names``, ``image_features``, ``texts``, ``text_features`` (float32,
 L2-normalised; cosine similarity = dot product). Unreadable images, and empty or undecodable text lines, are
 reported by name / line and left out; the rest is still written. Images get the official eval transform (no side
-padding unless ``--pad``; ``search.py`` and ``infer.py`` default to the padding a people checkpoint was validated with). Image features go through a cache (``--cache_dir``, shared with
+padding unless ``--pad``; ``search.py`` and ``infer.py`` default to the padding a people checkpoint was validated
+with). Image features go through a cache (``--cache_dir``, shared with
 ``search.py``; progress saved every minute): a repeated or interrupted run encodes only new, changed or not yet
 encoded images. With ``--detect`` (camera frames) there is one row per detected person or vehicle: ``image_names``
 holds its frame, and ``boxes`` (x1, y1, x2, y2 in frame pixels), ``categories`` and ``det_scores`` say which object.
@@ -42,7 +43,8 @@ log = logging.getLogger("extract_features")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, type=canonical_model_name, choices=list_models(), help="registered model name")
+    p.add_argument("--model", required=True, type=canonical_model_name, choices=list_models(),
+                   help="registered model name")
     p.add_argument("--finetune", required=True, help="checkpoint (.pth, DeepSpeed file or checkpoint directory)")
     p.add_argument("--sentencepiece_model", default="model_pth/beit3.spm", help="needed with --texts")
     p.add_argument("--images", help="folder of images to encode")
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
             texts, skipped = read_text_lines(Path(args.texts))
             for problem in skipped:
                 log.warning("%s, skipped", problem)
+            if not texts:
+                raise ValueError(f"no usable text in {args.texts}" + (f" (first problem: {skipped[0]})" if skipped
+                                                                      else " (the file is empty)"))
             tokenizer = Tokenizer(args.sentencepiece_model)
         if args.images:
             folder_images(args.images)
@@ -135,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         out["image_names"], out["image_features"] = np.array([], dtype=str), np.zeros((0, dim), np.float32)
     if tokenizer is not None:
-        feats = encode_texts(model, tokenizer, texts, batch_size=args.batch_size * 4, device=device, precision=precision)
+        feats = encode_texts(model, tokenizer, texts, batch_size=args.batch_size * 4, device=device,
+                             precision=precision)
         out["texts"], out["text_features"] = np.array(texts, dtype=str), feats.numpy().astype(np.float32)
         log.info("encoded %d texts (%d lines skipped)", len(texts), len(skipped))
     else:

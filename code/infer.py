@@ -40,8 +40,10 @@ DEFAULT_CHECKPOINT = "code/pt_out_{category}/checkpoint-best"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Default paths are relative to the current directory: run it from the repository root.")
-    p.add_argument("--model", default="beit3_large_patch16_384", type=canonical_model_name, choices=list_models(), help="(default: %(default)s)")
+                                epilog="Default paths are relative to the current directory: run it from the "
+                                       "repository root.")
+    p.add_argument("--model", default="beit3_large_patch16_384", type=canonical_model_name, choices=list_models(),
+                   help="(default: %(default)s)")
     p.add_argument("--input_size", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--task", default="flickr30k", choices=TASKS, help="index file prefix (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch; texts use 4x (default: %(default)s)")

@@ -4,7 +4,8 @@ Reads ``<data_path>/test_text.txt`` and ``<data_path>/test_images/``; writes ``t
 ``test.json``, ``flickr30k.test.jsonl`` and ``flickr30k.test_queries.jsonl`` into ``data_path``. Image categories
 (used by ``infer.py --restrict_to_category``) come from a ``name$category`` file (``--image_categories``) or from the
 detection stage's detector (``--detect``, which also writes ``test_image_categories.txt`` and a resumable cache
-``det_test_cache.jsonl``); without either they are null, since real test file names need not reveal them. Queries are grouped car first, then people, by the text rule of
+``det_test_cache.jsonl``); without either they are null, since real test file names need not reveal them.
+Queries are grouped car first, then people, by the text rule of
 ``traffic_retrieval.categories.text_category``; formats: ``traffic_retrieval.indexing``.
 
 Example:
@@ -48,8 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="classify the test images with the detector (the rule of train_det_cls.py)")
     p.add_argument("--det_config", default=DEFAULT_DET_CONFIG, help="detector config (default: %(default)s)")
     p.add_argument("--det_checkpoint", default=DEFAULT_DET_CHECKPOINT, help="detector weights (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="detector device: auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--score_thr", type=float, default=DEFAULT_SCORE_THR, help="box score threshold (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="detector device: auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--score_thr", type=float, default=DEFAULT_SCORE_THR,
+                   help="box score threshold (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     args = p.parse_args(argv)
     if args.detect and args.image_categories:

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--query", help="one query text")
     q.add_argument("--queries", help="text file, one query per line")
-    p.add_argument("--model", default="beit3_large_patch16_384", type=canonical_model_name, choices=list_models(), help="(default: %(default)s)")
+    p.add_argument("--model", default="beit3_large_patch16_384", type=canonical_model_name, choices=list_models(),
+                   help="(default: %(default)s)")
     p.add_argument("--finetune", help="checkpoint: a .pth file or a DeepSpeed checkpoint directory")
     for c in CATEGORIES:
         p.add_argument(f"--finetune_{c}", help=f"instead of --finetune: the {c} model, which answers the queries "
@@ -88,8 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_detection_arguments(p, args)
     if args.pad is not None and args.pad < 0:
         p.error("--pad must be >= 0")
-    if args.query is not None and not args.query.strip():
-        p.error("--query is empty")
+    if args.query is not None:
+        args.query = args.query.strip()  # as --queries files and test_text.txt lines are read
+        if not args.query:
+            p.error("--query is empty")
     per_category = [f"--finetune_{c}" for c in CATEGORIES if getattr(args, f"finetune_{c}")]
     choice = ("--finetune (one model for every query) or " + " and/or ".join(f"--finetune_{c}" for c in CATEGORIES)
               + " (each query to the model of its category)")

@@ -400,26 +400,31 @@ def test_utf16_file_and_nothing_kept_stop_the_stage(small_split) -> None:
 
 def test_an_image_the_detector_fails_on_is_dropped_alone(small_split, detector: BatchDetector) -> None:
     data, recs = small_split
-    Image.new("RGB", (1, 3000), (200, 0, 0)).save(data / "val_images" / "thin.jpg")  # mmcv's resize asserts in OpenCV
-    thin = LabelRecord("thin.jpg", recs[0].attribute, recs[0].caption)
-    (data / "val_label.txt").write_bytes(_labels([recs[0], thin, *recs[1:]]))
+    thin = []
+    for name in ("thin1.jpg", "thin2.jpg"):  # mmcv's resize asserts in OpenCV on a 1x3000 strip
+        Image.new("RGB", (1, 3000), (200, 0, 0)).save(data / "val_images" / name)
+        thin.append(LabelRecord(name, recs[0].attribute, recs[0].caption))
+    (data / "val_label.txt").write_bytes(_labels([recs[0], *thin, *recs[1:]]))
     counter = Counting(detector)
     res = run(data, "val", "--batch_size", "8", detector=counter)
     rows = report(data, "val")
-    assert (rows[1]["decision"], rows[1]["reason"]) == ("dropped", "detector failed")
-    assert "thin.jpg" in rows[1]["detail"] and "OpenCV" in rows[1]["detail"]
-    assert [r["decision"] for r in rows[:1] + rows[2:]] == ["kept"] * 4 and res.n_detected == 4
-    assert counter.calls == 1 + 5  # the batch, then image by image
-    assert "thin.jpg" not in (data / "det_val_cache.jsonl").read_text()  # a later run tries it again
+    for row in rows[1:3]:
+        assert (row["decision"], row["reason"]) == ("dropped", "detector failed")
+        assert "thin" in row["detail"] and "OpenCV" in row["detail"]
+    assert [r["decision"] for r in rows[:1] + rows[3:]] == ["kept"] * 4 and res.n_detected == 4
+    assert counter.calls == 1 + 6  # the batch, then image by image
+    assert "thin" not in (data / "det_val_cache.jsonl").read_text()  # a later run tries them again
+    # The rerun detects only the two strips, which fail together: a plain probe image shows the detector works, so
+    # they are dropped again and the stage does not stop.
     counter = Counting(detector)
     run(data, "val", detector=counter)
-    assert counter.images == 1 and report(data, "val")[1]["reason"] == "detector failed"
+    assert counter.images == 2 + 2 + 1 and [r["reason"] for r in report(data, "val")[1:3]] == ["detector failed"] * 2
 
     def broken(images: Sequence[np.ndarray]) -> list[list[Detection]]:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     (data / "det_val_cache.jsonl").unlink()
-    with pytest.raises(CleaningError, match="detector fails on every image it is given, e.g. .*RuntimeError: CUDA"):
+    with pytest.raises(CleaningError, match="detector fails on every image, even a plain 64x64 one .*RuntimeError: CUDA"):
         run(data, "val", detector=broken)
 
 
@@ -473,6 +478,31 @@ def test_copies_are_recorded_and_only_ours_removed(small_split, detector: BatchD
     assert not (images / rows[0]["coded_name"]).exists()  # our copy
     assert user_copy.read_bytes() == (images / recs[1].name).read_bytes()  # the user's copy is left
     assert json.loads((data / "det_val_copies.json").read_text()) == ours[1:]
+
+
+def test_copies_made_before_a_failed_link_are_recorded(small_split, detector: BatchDetector, monkeypatch) -> None:
+    data, recs = small_split
+    (data / "val_label.txt").write_bytes(_labels(recs))
+    real_copy, copied = shutil.copy2, []
+
+    def copy_until_the_disk_is_full(src, dst, *args, **kwargs):
+        if copied:
+            raise OSError(28, "No space left on device")
+        copied.append(Path(src).name)
+        return real_copy(src, dst, *args, **kwargs)
+
+    def no_links(*args, **kwargs):
+        raise OSError("links not supported by the test's file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "symlink", no_links)
+        m.setattr(os, "link", no_links)
+        m.setattr(shutil, "copy2", copy_until_the_disk_is_full)
+        with pytest.raises(CleaningError, match="No space left on device"):
+            run(data, "val", detector=detector)
+    first = f"{text_category(recs[0].caption)}_{recs[0].name}"
+    assert copied == [recs[0].name] and (data / "val_images" / first).is_file()
+    assert json.loads((data / "det_val_copies.json").read_text()) == [first]  # so a later run knows it is ours
 
 
 def test_missing_val_label_points_at_the_archive_layout(tmp_path: Path) -> None:

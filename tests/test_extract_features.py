@@ -84,6 +84,10 @@ def test_texts_split_on_line_feeds_only_and_bad_input_fails_before_encoding(setu
             main([*common, "--images", str(tmp / "imgs"), *bad])
     with pytest.raises(SystemExit):
         main([*common, "--images", str(tmp / "imgs"), "--batch_size", "0"])
+    mac = tmp / "mac.txt"
+    mac.write_bytes(b"A white Audi.\rA man walking.\r")  # old Mac line ends: one line with CRs inside
+    with pytest.raises(SystemExit, match=r"no usable text in .*mac.txt .*carriage return inside the line"):
+        main([*common, "--images", str(tmp / "imgs"), "--texts", str(mac)])
 
 
 def test_image_features_are_cached(setup, tiny_spm, load_script, monkeypatch):

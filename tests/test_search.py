@@ -262,6 +262,12 @@ def test_query_without_ground_truth_has_no_marks(tiny_dataset, images, search, t
     assert "  -   " in capsys.readouterr().out
 
 
+def test_a_query_loses_its_outer_whitespace_as_query_files_do(load_script):
+    args = load_script("search")["parse_args"](["--images", "d", "--query", "  A white Audi Sedan. ", "--finetune",
+                                                "c.pth"])
+    assert args.query == "A white Audi Sedan."
+
+
 def test_bad_input(search, load_script, tmp_path, tiny_spm):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -59,10 +59,8 @@ VEHICLE_BRANDS: tuple[str, ...] = (
 _CODE_RE = re.compile(r"[01](?:,[01]){%d}" % (len(PEDESTRIAN_ATTRIBUTES) - 1))
 # Vehicle attribute text: words (letters, digits, '-', '&', apostrophes) separated by single spaces, ending with '.'.
 _VEHICLE_ATTR_RE = re.compile(r"[A-Za-z][A-Za-z0-9&'\-]*(?: [A-Za-z0-9][A-Za-z0-9&'\-]*)*\.")
-# 4th-place rule: a pedestrian caption always has a sentence starting "He "/"She " (case-sensitive, as theirs).
-_PRONOUN_RE = re.compile(r"\b(?:He|She)\b")
-# Extension: the gender/person words of the real pedestrian captions, and the everyday words a user searching
-# for people types ("A person with a backpack.", "a girl in a red dress"), as whole words in any case. Vehicle
+# The 4th place's rule (a capitalised "He "/"She " sentence, which every real pedestrian caption has), extended to
+# the gender/person words of the real pedestrian captions and the everyday words a user searching for people types ("A person with a backpack.", "a girl in a red dress"), as whole words in any case. Vehicle
 # captions ("This is a blue BMW Bus.") and brand names never contain them; whole words keep "Mansory"/"Germany"-like
 # names and "Omanian" from matching.
 _PERSON_WORD_RE = re.compile(
@@ -77,15 +75,15 @@ _PERSON_WORD_RE = re.compile(
 def text_category(caption: str) -> str:
     """Category of a caption or query: ``people`` or ``car``.
 
-    Rule: ``people`` if the text contains the word ``He`` or ``She`` (capitalised, the 4th place's test) or, in any
-    case, one of the words female(s), male(s), woman/women, man/men, pedestrian(s), he, she, his, her, him,
+    Rule: ``people`` if the text contains, in any case, one of the words he, she (the 4th place's test was a
+    capitalised "He "/"She "), female(s), male(s), woman/women, man/men, pedestrian(s), his, her, him,
     person(s), people, child/children, kid(s), boy(s), girl(s), lady/ladies, gentleman/gentlemen, guy(s), someone,
     somebody, cyclist(s) (whole words); everything else is ``car``. Every real pedestrian caption has a He/She
     sentence and a gender word, and no vehicle caption has either, so the two tests agree on the real data; the word
     list keeps a query routed correctly when it was shortened or rephrased (e.g. "A man with a backpack.", "A person
     with a red umbrella.").
     """
-    if _PRONOUN_RE.search(caption) or _PERSON_WORD_RE.search(caption):
+    if _PERSON_WORD_RE.search(caption):
         return "people"
     return "car"
 

@@ -487,6 +487,7 @@ def _detect(
                         num_workers=cfg.workers, collate_fn=list)
     n_detected = 0
     failures: list[str] = []  # "<path>: <error>" of each image the detector failed on
+    probed = False
     with tqdm(total=len(todo), desc=f"detect {cfg.split}", unit="img") as bar:
         for batch in loader:
             good = [item for item in batch if item["image"] is not None]
@@ -508,11 +509,27 @@ def _detect(
             cache.add_many(new)  # flushed per batch: an interrupted run resumes from here
             n_detected += len(new)
             bar.update(len(batch))
-            # Every image of a batch failing on its own too, or the first images of the run, is the detector's fault
-            # (a wrong device, a broken install), not the images': stop rather than drop the whole split.
-            if good and not new and (len(good) > 1 or (n_detected == 0 and len(failures) >= 2)):
-                raise CleaningError(f"the detector fails on every image it is given, e.g. {failures[-1]}")
+            # Nothing detected yet and a whole batch failed: the images, or the detector (a wrong device, a broken
+            # install)? One plain image decides, so a broken detector stops the stage instead of dropping the split,
+            # while a rerun that only retries the images it failed on (never cached) drops them again.
+            if good and not new and n_detected == 0 and not probed:
+                probed = True
+                _probe_detector(detector, failures[-1])
     return found, n_detected, n_cached
+
+
+PROBE_IMAGE = np.full((64, 64, 3), 127, dtype=np.uint8)  # an image any detector takes
+
+
+def _probe_detector(detector: BatchDetectFn, example: str) -> None:
+    """Raise CleaningError if the detector fails on a plain 64x64 grey image too (it is broken, not the images)."""
+    try:
+        detector([PROBE_IMAGE])
+    except DetectorError:
+        raise
+    except Exception as e:
+        raise CleaningError(f"the detector fails on every image, even a plain 64x64 one ({_one_line(e)}); e.g. "
+                            f"{example}") from None
 
 
 def _decide(row: LineOutcome, cached: CachedImage, cfg: CleaningConfig) -> None:
@@ -635,15 +652,28 @@ def _update_links(data_path: Path, split: str, image_dir: Path, to_make: Sequenc
                   kept: Sequence[LabelRecord], rows: Sequence[LineOutcome], copies_path: Path) -> list[str]:
     """Make the new links, remove our links that no longer apply and record our copies; returns the removed names."""
     copies = read_copies(copies_path)  # before this run adds its own
-    for row in to_make:
-        name, coded = str(row.name), str(row.coded_name)  # both set for every kept row
-        dst = image_dir / coded
-        try:
-            row.link = make_link(image_dir, name, coded)
-        except OSError as e:
-            raise CleaningError(f"cannot create {dst} ({e}); fix the folder and run the stage again") from None
-        if row.link is None:
-            raise CleaningError(f"{dst} appeared while the stage ran; run the stage again")
+    made: set[str] = set()  # the copies this run makes, recorded even if a later link fails (disk full, ...)
+
+    def record(removed: Sequence[str] = ()) -> None:
+        ours = {n for n in copies - set(removed) if (image_dir / n).is_file() and not (image_dir / n).is_symlink()}
+        if ours | made or copies_path.exists():
+            write_json(copies_path, sorted(ours | made), indent=0)
+
+    try:
+        for row in to_make:
+            name, coded = str(row.name), str(row.coded_name)  # both set for every kept row
+            dst = image_dir / coded
+            try:
+                row.link = make_link(image_dir, name, coded)
+            except OSError as e:
+                raise CleaningError(f"cannot create {dst} ({e}); fix the folder and run the stage again") from None
+            if row.link is None:
+                raise CleaningError(f"{dst} appeared while the stage ran; run the stage again")
+            if row.link == "copy":
+                made.add(coded)
+    except CleaningError:
+        record()
+        raise
     names = {r.name for r in rows if r.name is not None}  # every image name of the label file, even on a bad line
     other = data_path / f"{SPLITS[1 - SPLITS.index(split)]}_images"
     if other.is_dir() and other.resolve() == image_dir.resolve():
@@ -657,10 +687,7 @@ def _update_links(data_path: Path, split: str, image_dir: Path, to_make: Sequenc
     if removed:
         log.info("removed %d link(s) of a previous run that no longer apply (first: %s)", len(removed),
                  image_dir / removed[0])
-    ours = {n for n in copies - set(removed) if (image_dir / n).is_file() and not (image_dir / n).is_symlink()}
-    ours |= {r.coded_name for r in to_make if r.link == "copy" and r.coded_name}
-    if ours or copies_path.exists():
-        write_json(copies_path, sorted(ours), indent=0)
+    record(removed)
     return removed
 
 

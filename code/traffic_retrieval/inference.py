@@ -1,14 +1,17 @@
 """Stage 5: rank the test gallery for every query with one fine-tuned model per category, and write the submission.
 
 Reads (``data_path``, as written by ``code/jsonl_test.py``; formats in :mod:`traffic_retrieval.indexing`):
-``test_text.txt``, ``test.txt``, ``test_order.json``, ``<task>.test.jsonl`` (the gallery, with an optional image
+the query file (``test_text.txt``, or the one ``test_order.json`` names), ``test.txt``, ``test_order.json``,
+``<task>.test.jsonl`` (the gallery, with an optional image
 ``category``), ``<task>.test_queries.jsonl`` (each query with its category and token ids) and ``test_images/``; one
 checkpoint per category that has queries.
 
 Writes (``output_dir``), every file atomically and every submission validated first:
 
 - ``infer_json_car.json`` / ``infer_json_people.json``: that category's queries only, in test_text.txt order;
-- ``infer_json_all.json``: every query in test_text.txt order, texts character for character (the submission);
+- ``infer_json_all.json``: every query in test_text.txt order, each text as the line without its outer whitespace
+  (as the official baseline reads the file and the scorer its ground truth): the submission;
+- (without ``evaluate``) an earlier run's ``infer_metrics.json`` is removed;
 - ``cache/gallery_<category>.pt``: the gallery features of that category's model (see :func:`encode_gallery`);
   ``gallery_<category>_<j>.pt`` for the further members of an ensemble;
 - ``infer_metrics.json`` (with ``evaluate``): the metrics of ``infer_json_all.json`` against the ground truth.
@@ -91,7 +94,7 @@ class TestIndex:
     """The test queries and gallery, checked against the query file (test_text.txt). Lists of queries are in that
     file's order."""
 
-    texts: list[str]  # test_text.txt, verbatim
+    texts: list[str]  # the query file's lines without outer whitespace (labels.read_test_text)
     categories: list[str]  # category of each query (from the index)
     segments: list[list[int]]  # token ids of each query (no bos/eos), as jsonl_test.py wrote them
     image_dir: Path  # <data_path>/test_images
