@@ -184,8 +184,9 @@ def dataset_matches(data: Path, seed: int, counts: dict[str, int | None]) -> boo
 
 
 def is_demo_outputs(out: Path) -> bool:
-    """Whether ``out`` is an output folder this script made (its marker file, or an older demo's recipe record)."""
-    return (out / OUT_MARKER).is_file() or (out / LEGACY_OUT_MARKER).is_file()
+    """Whether ``out`` is an output folder this script made: its marker file, or from a demo.py older than the marker
+    its recipe record, or (interrupted before training) the log of its first detection stage."""
+    return any((out / name).is_file() for name in (OUT_MARKER, LEGACY_OUT_MARKER, "det_train.log"))
 
 
 def check_folders(data: Path, out: Path) -> None:

@@ -7,7 +7,7 @@
 # override the recipe's flags (argparse keeps the last value), e.g. `bash code/train_car.sh --auto_resume`.
 #   NGPUS [2]  DATA_PATH [dataset/train]  SPM [model_pth/beit3.spm]
 #   FINETUNE [model_pth/beit3_large_patch16_384_f30k_retrieval.pth]  OUTPUT_DIR [code/pt_out_car]
-#   LOG_DIR [$OUTPUT_DIR/tb]  MASTER_PORT [29500]  PYTHON [python]
+#   LOG_DIR [<output_dir>/tb, also for an --output_dir given as an argument]  MASTER_PORT [29500]  PYTHON [python]
 # Relative paths are taken from the repository root (the script changes into it).
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root: the default paths are relative to it
@@ -20,7 +20,7 @@ DATA_PATH=${DATA_PATH:-dataset/train}
 SPM=${SPM:-model_pth/beit3.spm}
 FINETUNE=${FINETUNE:-model_pth/beit3_large_patch16_384_f30k_retrieval.pth}
 OUTPUT_DIR=${OUTPUT_DIR:-code/pt_out_${CATEGORY}}
-LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/tb}  # the Python default: each run's events stay beside its checkpoints
+LOG_DIR=${LOG_DIR:-}  # empty: the Python default <output_dir>/tb, so events stay beside the checkpoints
 PYTHON=${PYTHON:-python}
 
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --master_port="${MASTER_PORT:-29500}" \
@@ -28,5 +28,5 @@ exec "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPUS" --master_port=
     --model beit3_large_patch16_384 --input_size 384 --task flickr30k \
     --batch_size 80 --layer_decay 0.85 --lr 3e-5 --epochs "$EPOCHS" --warmup_epochs 3 --drop_path 0.2 \
     --sentencepiece_model "$SPM" --finetune "$FINETUNE" --data_path "$DATA_PATH" \
-    --output_dir "$OUTPUT_DIR" --log_dir "$LOG_DIR" --weight_decay 0.05 --seed 42 --save_ckpt_freq 5 \
+    --output_dir "$OUTPUT_DIR" ${LOG_DIR:+--log_dir "$LOG_DIR"} --weight_decay 0.05 --seed 42 --save_ckpt_freq 5 \
     --enable_deepspeed --checkpoint_activations --category "$CATEGORY" "$@"

@@ -6,7 +6,7 @@
 # Same environment variables as train_car.sh (defaults in brackets) and extra arguments passed on:
 #   NGPUS [2]  DATA_PATH [dataset/train]  SPM [model_pth/beit3.spm]
 #   FINETUNE [model_pth/beit3_large_patch16_384_f30k_retrieval.pth]  OUTPUT_DIR [code/pt_out_people]
-#   LOG_DIR [$OUTPUT_DIR/tb]  MASTER_PORT [29500]  PYTHON [python]
+#   LOG_DIR [<output_dir>/tb, also for an --output_dir given as an argument]  MASTER_PORT [29500]  PYTHON [python]
 # Relative paths are taken from the repository root.
 set -euo pipefail
 RECIPE_CATEGORY=people RECIPE_EPOCHS=15 exec bash "$(dirname "$0")/train_car.sh" "$@"

@@ -45,3 +45,7 @@ def test_a_missing_reference_fails_before_any_timing(load_script, capsys, monkey
         load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "2", "--device", "cpu",
                                           "--settings", "train"])
     assert capsys.readouterr().out == ""  # nothing was timed first
+    # settings that time the project's model alone do not need the reference
+    load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "2", "--device", "cpu",
+                                      "--iters", "1", "--warmup", "1", "--settings", "attention"])
+    assert '"setting": "attention"' in capsys.readouterr().out

@@ -103,6 +103,17 @@ def test_a_tokenizer_the_demo_did_not_train_is_never_overwritten(demo, first_sta
         demo["main"](_min_args(demo, tmp_path / "data", tmp_path / "out", "--spm", str(official)))
 
 
+def test_outputs_of_older_demos_are_recognised(demo, tmp_path: Path) -> None:
+    for name in (demo["OUT_MARKER"], "train_recipe.json", "det_train.log"):  # det_train.log: stopped before training
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text("")
+        assert demo["is_demo_outputs"](out), name
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "det_val.txt").write_text("")
+    assert not demo["is_demo_outputs"](tmp_path / "other")
+
+
 def test_fresh_clears_the_demos_own_folders(demo, first_stage, tiny_dataset: Path, tmp_path: Path) -> None:
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(tiny_dataset, data)

@@ -214,6 +214,19 @@ def test_autocast_keeps_the_residual_stream_in_fp32_as_the_official_code():
     assert (mine - ref).abs().max() <= 1.25 * (theirs - ref).abs().max()
 
 
+def test_drop_path_rate_is_exact_in_bf16():
+    """The mask is drawn from the fp32 rate: a bf16 keep probability (0.99130 -> 0.99219) would drop 10% too few."""
+    from traffic_retrieval.modeling import DropPath
+
+    torch.manual_seed(0)
+    dp = DropPath(0.0087).bfloat16().train()
+    y = dp(torch.ones(400_000, 1, 1, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.0087) < 0.0005  # 3.4 standard errors; bf16's rate 0.0078 is 6 away
+    assert torch.allclose(y[y != 0].float(), torch.tensor(1 / (1 - 0.0087)), rtol=1e-2)
+
+
 def test_compiled_layers_with_drop_path_share_their_graphs(caplog):
     """The training recipe's drop path (a different rate in every layer) must not compile one graph per layer: with
     timm's DropPath (a Python float rate) 12 layers ran past dynamo's limit and fell back to eager."""

@@ -175,9 +175,14 @@ def test_resumed_optimizer_keeps_the_new_group_settings(nano):
     nano.zero_grad(set_to_none=True)
     new = adamw(0.5, 0.3, (0.8, 0.9), 1e-6)
     settings = group_settings(new)
-    assert settings["layer_0_decay"] == {"lr_scale": 0.5 ** 3, "weight_decay": 0.3, "betas": (0.8, 0.9), "eps": 1e-6}
-    new.load_state_dict(old.state_dict())
+    assert settings["layer_0_decay"] == {"lr_scale": 0.5 ** 3, "weight_decay": 0.3, "betas": (0.8, 0.9), "eps": 1e-6,
+                                         "fused": None, "foreach": None, "capturable": False}
+    saved = old.state_dict()
+    for group in saved["param_groups"]:
+        group["foreach"] = True  # as if saved on another device, whose kernel choice differs from this run's
+    new.load_state_dict(saved)
     assert new.param_groups[1]["weight_decay"] == 0.05  # what a resume did before: the checkpoint's value back
+    assert new.param_groups[1]["foreach"] is True
     restore_group_settings(new, settings)
     assert group_settings(new) == settings
     assert all(torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"]) for p in nano.parameters())
@@ -303,7 +308,8 @@ def test_deepspeed_engine_trains_and_saves(tmp_path, single_process_env):
                                steps_per_print=10**6)
     engine2, optimizer2 = deepspeed_initialize(fresh, groups, config2)
     settings = group_settings(optimizer2)
-    assert settings["layer_0_decay"] == {"lr_scale": 0.25 ** 3, "weight_decay": 0.3, "betas": (0.8, 0.9), "eps": 1e-6}
+    assert {k: settings["layer_0_decay"][k] for k in ("lr_scale", "weight_decay", "betas", "eps")} == {
+        "lr_scale": 0.25 ** 3, "weight_decay": 0.3, "betas": (0.8, 0.9), "eps": 1e-6}
     engine2.load_checkpoint(str(tmp_path), tag="checkpoint-1")
     assert group_settings(optimizer2)["layer_0_decay"]["lr_scale"] == pytest.approx(0.125)  # the saved 0.5 ** 3
     restore_group_settings(optimizer2, settings)

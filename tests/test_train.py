@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,20 @@ def _torchrun(world: int, argv: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- arguments
+def test_train_scripts_keep_the_events_beside_the_checkpoints(script, tmp_path) -> None:
+    """train_car.sh / train_people.sh: extra arguments override the recipe, and an --output_dir given that way takes
+    its TensorBoard folder along (LOG_DIR only when set)."""
+    def config(sh: str, *extra: str, **env: str):
+        run = subprocess.run(["bash", str(REPO / "code" / sh), *extra], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHON": "echo", **env})
+        argv = shlex.split(run.stdout)
+        return script["parse_args"](argv[argv.index("code/run_beit3_finetuning.py") + 1:])
+
+    assert config("train_car.sh").log_dir == Path("code/pt_out_car/tb")
+    assert config("train_people.sh", "--output_dir", "runs/exp2").log_dir == Path("runs/exp2/tb")
+    assert config("train_car.sh", LOG_DIR=str(tmp_path / "tb")).log_dir == tmp_path / "tb"
+
+
 def test_official_flags_and_defaults(script) -> None:
     official = ("--model beit3_large_patch16_384 --input_size 384 --task flickr30k --batch_size 80 --layer_decay 0.85 "
                 "--lr 3e-5 --epochs 17 --warmup_epochs 3 --drop_path 0.2 --sentencepiece_model model_pth/beit3.spm "
@@ -120,6 +135,9 @@ def test_official_flags_and_defaults(script) -> None:
     with pytest.raises(train.TrainError, match=r"clip_grad must be > 0, got 0.0 \(leave it out"):
         train.check_config(train.TrainConfig(optim=train.OptimConfig(clip_grad=0.0)))
     assert script["parse_args"](["--category", "car", "--clip_grad", "none"]).optim.clip_grad is None
+    for rate in ("1.0", "-0.1"):  # 1 drops every branch; a negative rate used to mean none, silently
+        with pytest.raises(SystemExit):
+            script["parse_args"](["--category", "car", "--drop_path", rate])
 
 
 def test_flags_a_run_cannot_use_are_warned_about(caplog) -> None:
@@ -165,6 +183,7 @@ def test_plain_run_writes_the_run_directory(script, indexed, tiny_spm, tmp_path,
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
+    assert "TensorBoard event file(s) of an earlier run" not in caplog.text  # the same run, restarted
     # epoch scalars at the epoch's last optimizer step, where a resumed run's purge reaches them
     assert [e.step for e in events.Scalars("epoch/val_official_map10")] == [2, 5]
 
@@ -225,17 +244,19 @@ def test_interrupted_run_resumes_to_the_same_weights(script, indexed, tiny_spm, 
     assert [r["train_loss"] for r in _log(cut)] == [r["train_loss"] for r in _log(whole)]
 
 
-def test_crash_after_logging_an_epoch_leaves_one_scalar_per_step(script, indexed, tiny_spm, tmp_path,
-                                                                 monkeypatch) -> None:
-    """A run that logged epoch 1 but died before saving it repeats epoch 1 on resume; TensorBoard then shows the
-    repeat only (the resumed writer purges from global step 3 on, which covers the epoch scalars too)."""
+@pytest.mark.parametrize("crashed_epoch", [0, 1])
+def test_crash_after_logging_an_epoch_leaves_one_scalar_per_step(script, indexed, tiny_spm, tmp_path, monkeypatch,
+                                                                 caplog, crashed_epoch) -> None:
+    """A run that logged an epoch but died before saving it repeats that epoch on resume; TensorBoard then shows the
+    repeat only (the resumed writer purges from the checkpoint's global step on, which covers the epoch scalars too;
+    with no checkpoint yet, --auto_resume starts over as the same run and purges from step 0)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     save_epoch = train._save_epoch
 
     def crash_before_saving(cfg, trainer, info, data_sha, epoch, stats, progress) -> None:
-        if epoch == 1:
+        if epoch == crashed_epoch:
             raise KeyboardInterrupt
         save_epoch(cfg, trainer, info, data_sha, epoch, stats, progress)
 
@@ -250,6 +271,7 @@ def test_crash_after_logging_an_epoch_leaves_one_scalar_per_step(script, indexed
     assert [e.step for e in losses] == [2, 5]
     assert [e.value for e in losses] == pytest.approx([r["train_loss"] for r in _log(out)])
     assert [e.step for e in events.Scalars("train/loss")] == list(range(6))
+    assert "TensorBoard event file(s) of an earlier run" not in caplog.text  # the same run, restarted
 
 
 def test_resume_refuses_a_checkpoint_of_other_data_or_settings(script, indexed, tiny_spm, tmp_path, caplog) -> None:

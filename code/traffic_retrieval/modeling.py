@@ -186,11 +186,20 @@ class DropPath(nn.Module):
         self.p = p  # for repr only: forward reads the buffer
         self.register_buffer("keep", torch.tensor(1.0 - p), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's signature)
+        # .half() / .bfloat16() (DeepSpeed converts the whole module) must move the rate, not round it: in bf16 the
+        # keep probability of layer 1 of the recipe, 0.99130, becomes 0.99219 (10% fewer drops).
+        keep = self.keep
+        super()._apply(fn, recurse)
+        self.keep = keep.to(self.keep.device)  # where fn moved it, in fp32
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep.to(x.dtype))
-        return x * mask / self.keep.to(x.dtype)
+        # drawn and scaled in fp32, also under autocast, then applied in x's dtype
+        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(self.keep)
+        return x * (mask / self.keep).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p:.3f}"

@@ -140,14 +140,16 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-# The per-group settings the run's flags decide (--layer_decay, --weight_decay, --opt_betas, --opt_eps). An optimizer
-# state dict carries them too, and loading one (torch's load_state_dict, DeepSpeed's load_checkpoint) puts the saved
-# values back into the groups, so a resume would silently keep the old ones.
-GROUP_SETTINGS = ("lr_scale", "weight_decay", "betas", "eps")
+# The per-group settings the run decides: its flags (--layer_decay, --weight_decay, --opt_betas, --opt_eps) and its
+# device (the fused / foreach kernels). An optimizer state dict carries them too, and loading one (torch's
+# load_state_dict, DeepSpeed's load_checkpoint) puts the saved values back into the groups, so a resume would
+# silently keep the old ones (e.g. a run started on the CPU would go on without the fused kernel on a GPU).
+GROUP_SETTINGS = ("lr_scale", "weight_decay", "betas", "eps",
+                  "fused", "foreach", "capturable")  # the last three: this run's device decides (e.g. CPU -> GPU)
 
 
 def group_settings(optimizer: Any) -> dict[str, dict[str, Any]]:
-    """``{group name: {lr_scale, weight_decay, betas, eps}}`` of an optimizer (torch, or DeepSpeed's wrapper) built
+    """``{group name: {setting: value}}`` (:data:`GROUP_SETTINGS`) of an optimizer (torch, or DeepSpeed's wrapper) built
     from :func:`param_groups_layer_decay` groups; take it before loading a state dict."""
     return {g["name"]: {k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups}
 

@@ -193,6 +193,8 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"warmup_epochs ({o.warmup_epochs}) must be between 0 and epochs ({o.epochs})")
     if not 0 < o.layer_decay <= 1:
         problems.append(f"layer_decay must be in (0, 1], got {o.layer_decay}")
+    if not 0 <= m.drop_path < 1:
+        problems.append(f"drop_path must be in [0, 1), got {m.drop_path}")
     if o.clip_grad is not None and not o.clip_grad > 0:  # (not > 0: NaN too)
         # clip_grad_norm_ would zero (0) or reverse (< 0) every gradient, DeepSpeed would not clip at all
         problems.append(f"clip_grad must be > 0, got {o.clip_grad} (leave it out, or pass None, for no clipping)")
@@ -687,8 +689,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, device: torch.device, precision: 
     o = cfg.optim
     # one lr per optimizer step of the whole run, also when resuming part-way
     schedule = cosine_scheduler(o.lr, o.min_lr, o.epochs, data.steps_per_epoch, o.warmup_epochs)
-    writer = _start_run_dir(cfg, trainer, info, precision, data.steps_per_epoch,
-                            progress.global_step if resume_epoch is not None else None)
+    # TensorBoard drops what a crashed attempt logged after the step this run starts from: the checkpoint's step,
+    # or 0 for an --auto_resume run that crashed before its first checkpoint (it starts over as the same run).
+    purge = progress.global_step if resume_epoch is not None else (0 if cfg.runtime.auto_resume else None)
+    writer = _start_run_dir(cfg, trainer, info, precision, data.steps_per_epoch, purge)
     last: dict[str, Any] = {}
     try:
         for epoch in range(progress.start_epoch, o.epochs):
@@ -724,7 +728,8 @@ def _start_run_dir(cfg: TrainConfig, trainer: Trainer, info: D.DistInfo, precisi
                    purge_step: int | None):
     """Write args.json (+ deepspeed_config.json) and open TensorBoard on rank 0; None elsewhere.
 
-    ``purge_step`` is None for a new run: its events are warned about if they would land beside an earlier run's.
+    ``purge_step`` is None for a new run (not ``--auto_resume``): its events are warned about if they would land
+    beside an earlier run's.
     """
     if info.rank != 0:
         return None
