@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=["train", "encode_image", "encode_text"], choices=SETTINGS)
     p.add_argument("--reference", default="torchscale", choices=["torchscale", "none"])
     p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer of our model")
+    p.add_argument("--drop_path", type=float, default=0.0,
+                   help="stochastic depth of the last layer in the training settings, for both models (the recipe "
+                        "uses 0.2; default: %(default)s)")
     p.add_argument("--infer_gallery", type=int, default=17611, help="images (and queries) for infer_stage")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.encode_batch = args.encode_batch or 4 * args.batch_size
     args.text_batch = args.text_batch or 16 * args.batch_size
     args.peak_n = args.peak_n or (8192 if cuda else 1024)
+    if not 0 <= args.drop_path < 1:
+        p.error("--drop_path must be in [0, 1)")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda given but no GPU is available")
     return args

@@ -11,7 +11,8 @@ import pytest
 def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> None:
     load_script("benchmark")["main"](
         ["--model", "beit3_nano_patch16_32", "--batch_size", "4", "--device", "cpu", "--iters", "1", "--warmup", "1",
-         "--infer_gallery", "20", "--sdpa", "cudnn", "--settings", "train", "train_ckpt", "encode_image",
+         "--infer_gallery", "20", "--sdpa", "cudnn", "--drop_path", "0.2", "--settings", "train", "train_ckpt",
+         "encode_image",
          "encode_text", "infer_stage", "attention"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by = {(r["setting"], r.get("impl"), r.get("shape"), r.get("sdpa")): r for r in rows}
@@ -21,6 +22,7 @@ def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> Non
         ours, official = by[setting, "ours", None, "cudnn"], by[setting, "official", None, "default"]
         assert ours[unit] > 0 and official[unit] > 0 and ours["ratio"] == ours[unit] / official[unit]
         assert 0 < ours["mfu"] < 1 and ours["checkpointing"] == (setting == "train_ckpt")
+        assert ours["drop_path"] == official["drop_path"] == 0.2
     # text MFU counts the same work (the texts' real lengths) for both, whatever each pads to
     ours, official = by["encode_text", "ours", None, "cudnn"], by["encode_text", "official", None, "default"]
     work = [r["tflops"] * r["seconds_per_iter"] for r in (ours, official)]

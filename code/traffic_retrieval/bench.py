@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .encoding import encode_token_batches
-from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers, create_model, get_config,
+from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers, get_config,
                        sdpa_preference, set_sdpa)
 from .precision import get_autocast
 from .retrieval import topk_similarity
@@ -150,11 +150,10 @@ def _contrastive(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
 
 
 def build(impl: str, name: str, device: torch.device, checkpointing: bool, compile: bool,
-          img_size: int | None) -> nn.Module:
-    cfg = get_config(name, img_size=img_size, checkpoint_activations=checkpointing)
+          img_size: int | None, drop_path: float = 0.0) -> nn.Module:
+    cfg = get_config(name, img_size=img_size, checkpoint_activations=checkpointing, drop_path_rate=drop_path)
     with device:  # initialise on the device: a large model's CPU init alone takes many seconds
-        model = create_model(name, img_size=img_size, checkpoint_activations=checkpointing) if impl == "ours" \
-            else OfficialModel(cfg)
+        model = BEiT3Retrieval(cfg) if impl == "ours" else OfficialModel(cfg)
     return compile_layers(model) if compile and impl == "ours" else model
 
 
@@ -210,12 +209,13 @@ def run_setting(setting: str, impl: str, args, device: torch.device) -> dict:
     ckpt = setting == "train_ckpt"
     batch = {"encode_image": args.encode_batch, "encode_text": args.text_batch}.get(setting, args.batch_size)
     row = {"setting": setting, "impl": impl, "model": args.model, "img_size": cfg.img_size, "batch": batch,
-           "precision": args.precision, "checkpointing": ckpt, "sdpa": args.sdpa if impl == "ours" else "default",
+           "precision": args.precision, "checkpointing": ckpt, "drop_path": args.drop_path,
+           "sdpa": args.sdpa if impl == "ours" else "default",
            "compile": bool(args.compile and impl == "ours")}
     # (trimmed text batches vary in length: dynamo recompiles once with a dynamic length, within the warm-up)
     _free(device)
     try:
-        model = build(impl, args.model, device, ckpt, row["compile"], args.input_size)
+        model = build(impl, args.model, device, ckpt, row["compile"], args.input_size, args.drop_path)
         inp = make_inputs(cfg, batch, device)
         if setting in ("train", "train_ckpt"):
             t = bench_train(model, inp, device, args.precision, args.warmup, args.iters)
