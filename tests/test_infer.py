@@ -191,7 +191,7 @@ def test_gallery_cache_reused_and_refreshed(test_dir, infer, checkpoints, tmp_pa
     assert calls == [16, 16]
 
 
-def test_restrict_to_category(tiny_dataset, tiny_spm, load_script, infer, tmp_path):
+def test_restrict_to_category(tiny_dataset, tiny_spm, load_script, infer, tmp_path, monkeypatch):
     names = sorted(p.name for p in (tiny_dataset / "test" / "test_images").iterdir())
     unknown = next(n for n in names if not n.startswith("vehicle_"))  # one pedestrian image without a category
     cat_file = tmp_path / "image_categories.txt"
@@ -212,6 +212,16 @@ def test_restrict_to_category(tiny_dataset, tiny_spm, load_script, infer, tmp_pa
     infer(data, tmp_path / "free")
     free = _results(tmp_path / "free" / "infer_json_car.json")
     assert any(set(r[:9]) != cars | {unknown} for _, r in free)
+
+    # Switching the flag on and off over one cache encodes nothing again: the subset's run keeps the other images.
+    calls: list[int] = []
+    real = inference.encode_images
+    monkeypatch.setattr(inference, "encode_images", lambda m, paths, *a, **k: calls.append(len(paths)) or
+                        real(m, paths, *a, **k))
+    (data / "test_images" / unknown).touch()  # one changed image: the subsets (both allow it) encode only it
+    infer(data, tmp_path / "free", "--restrict_to_category")
+    infer(data, tmp_path / "free")
+    assert calls == [1, 1]
 
 
 def test_padding_override_and_swapped_checkpoint_warn(test_dir, infer, checkpoints, tmp_path, caplog):

@@ -519,12 +519,18 @@ def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureS
     stamps = {p.name: file_stamp(p) for p in paths}
     cached = _load_cache(cache_path, spec) if cache_path is not None else {}
     fresh = {n: v for n, v in cached.items() if n in stamps and v[0] == stamps[n]}  # changed images are re-encoded
+    # Cached images of the same folder that this call does not ask for (e.g. the other category's, with
+    # --restrict_to_category) stay in the cache while their file is unchanged; deleted or changed ones go.
+    folder = paths[0].parent if paths and all(p.parent == paths[0].parent for p in paths) else None
+    others = {n: v for n, v in cached.items()
+              if n not in stamps and folder is not None and _unchanged(folder / n, v[0])}
     todo = [p for p in paths if p.name not in fresh]
     todo = broadcast_object(todo)  # every rank must encode the same list: rank 0's view of the cache decides
     log.info("%s: %d images, %d from the cache, %d to encode", desc, len(paths), len(paths) - len(todo), len(todo))
-    feats = {n: v[1] for n, v in fresh.items() if v[1] is not None}
-    failed = {n: v[2] for n, v in fresh.items() if v[2] is not None}
-    saver = (_CacheSaver(cache_path, spec, names, stamps, feats, failed, save_every_s)
+    feats = {n: v[1] for n, v in {**fresh, **others}.items() if v[1] is not None}
+    failed = {n: v[2] for n, v in {**fresh, **others}.items() if v[2] is not None}
+    saver = (_CacheSaver(cache_path, spec, [*names, *others], {**stamps, **{n: v[0] for n, v in others.items()}},
+                         feats, failed, save_every_s)
              if cache_path is not None and is_main_process() else None)
 
     def merge(part: ImageFeatures) -> None:
@@ -559,6 +565,14 @@ def encode_gallery(model: torch.nn.Module, paths: Sequence[Path], spec: FeatureS
     dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0
     features = torch.stack([feats[p.name] for p in ok]) if ok else torch.empty(0, dim)
     return ImageFeatures(ok, features, bad)
+
+
+def _unchanged(path: Path, stamp: tuple[int, int]) -> bool:
+    """Whether ``path`` still exists with this (size, mtime) stamp."""
+    try:
+        return file_stamp(path) == stamp
+    except OSError:
+        return False
 
 
 def encode_queries_sharded(model: torch.nn.Module, segments: Sequence[Sequence[int]], max_len: int, *,
