@@ -355,14 +355,11 @@ def _stale_link(entry: os.DirEntry, image_dir: Path, copies: set[str]) -> bool:
     category, sep, name = entry.name.partition("_")
     if not sep or category not in CATEGORIES or not name:
         return False
-    if entry.is_symlink():
-        return os.readlink(entry.path) == name
     src = image_dir / name
-    if not entry.is_file(follow_symlinks=False) or not src.is_file():
-        return False
-    if entry.stat(follow_symlinks=False).st_nlink > 1 and _is_own_link(Path(entry.path), name, src):
+    if _is_own_link(Path(entry.path), name, src):
         return True
-    return entry.name in copies and filecmp.cmp(entry.path, src, shallow=False)
+    return (entry.name in copies and entry.is_file(follow_symlinks=False) and src.is_file()
+            and filecmp.cmp(entry.path, src, shallow=False))
 
 
 def remove_stale_links(image_dir: Path, keep: set[str], protected: set[str], copies: set[str],

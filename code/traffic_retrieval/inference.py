@@ -179,13 +179,12 @@ def load_test_index(data_path: str | os.PathLike, task: str = "flickr30k") -> Te
     grouped = read_test_text(files["grouped"])
     if not (len(grouped) == len(original) == len(cats) == n):
         raise stale(f"{text_path} has {n} queries but {files['grouped']} has {len(grouped)} and "
-                                f"{files['order']} maps {len(original)}")
+                    f"{files['order']} maps {len(original)}")
     if sorted(original) != list(range(n)):
         raise stale(f"{files['order']}: original_index is not a permutation of 0..{n - 1}")
     for k, (line, i) in enumerate(zip(grouped, original)):
         if line != texts[i]:
-            raise stale(f"{files['grouped']}:{k + 1}: {line!r} differs from {text_path}:{i + 1} "
-                                    f"{texts[i]!r}")
+            raise stale(f"{files['grouped']}:{k + 1}: {line!r} differs from {text_path}:{i + 1} {texts[i]!r}")
 
     rows = read_jsonl(files["queries"])
     if len(rows) != n:
