@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> list[QueryResult]:
                     crops=crops)
         if args.finetune is not None:
             searcher = build_searcher(args.images, args.model, args.finetune, args.sentencepiece_model, **opts)
+            results = searcher.search(queries, args.k)
         else:
             searcher = build_category_searcher(args.images, args.model, checkpoints, args.sentencepiece_model,
                                                **opts)
-        results = (searcher.search(queries, args.k) if args.finetune is not None
-                   else searcher.search(queries, args.k, category))
+            results = searcher.search(queries, args.k, category)
     except (FileNotFoundError, ValueError, CheckpointError, DetectorError) as e:
         raise SystemExit(f"search.py: error: {e}") from None
     if relevance is not None:

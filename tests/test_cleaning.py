@@ -329,6 +329,23 @@ def test_script_errors_are_one_clear_line(args: list[str], message: str, tiny_da
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("detector", [[], ["--det_config", CONFIG, "--det_checkpoint", CHECKPOINT]],
+                         ids=["packaged-config", "demo-detector"])
+def test_missing_mmdet_is_one_clear_line(detector: list[str], tiny_dataset: Path, tmp_path: Path) -> None:
+    """An environment without mmdet (torch only, like the GPU machines) gets the install hint, not a traceback."""
+    data = tmp_path / "train"
+    shutil.copytree(tiny_dataset / "train", data)
+    argv = [str(REPO / "val_det_cls.py"), "--data_path", str(data), *detector]
+    # sys.modules[name] = None makes every import of that name raise ImportError, as if it were not installed.
+    code = ("import runpy, sys; sys.modules['mmdet'] = None; "
+            f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "needs mmdet 3.3.0 and mmcv 2.1.0" in proc.stderr and "make install" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (data / "fliter_val_labels.txt").exists()
+
+
 # ------------------------------------------------------------------------------------------------- review fixes
 @pytest.fixture()
 def small_split(tiny_dataset: Path, tmp_path: Path) -> tuple[Path, list[LabelRecord]]:

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,17 +130,29 @@ def true_category(boxes: Sequence[tuple[str, float]]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- files
+def require_mmdet() -> Any:
+    """The ``mmdet`` module, or a DetectorError saying how to install it: the detector needs mmdet and mmcv built
+    with its compiled ops (RTMDet's NMS), which a torch-only environment such as the GPU machines' lacks."""
+    try:
+        import mmdet
+        from mmcv.ops import nms  # noqa: F401  (mmcv-lite, or an mmcv built for another torch, fails here)
+    except (ImportError, OSError) as e:  # OSError: a compiled extension that cannot be loaded
+        raise DetectorError(
+            f"the detector needs mmdet 3.3.0 and mmcv 2.1.0 built with its ops, which {sys.executable} cannot "
+            f"import ({type(e).__name__}: {e}); install them with `make install` (README, Setup)"
+        ) from None
+    return mmdet
+
+
 def resolve_config(spec: str | os.PathLike) -> Path:
     """Path of a detector config: ``mmdet::<rel>`` means mmdet's packaged configs, anything else is a file path.
 
     Raises:
-        DetectorError: the file does not exist.
+        DetectorError: the file does not exist, or (for ``mmdet::``) mmdet is not installed.
     """
     s = str(spec)
     if s.startswith(MMDET_SCOPE):
-        import mmdet
-
-        path = Path(mmdet.__file__).parent / ".mim" / "configs" / s[len(MMDET_SCOPE):]
+        path = Path(require_mmdet().__file__).parent / ".mim" / "configs" / s[len(MMDET_SCOPE):]
     else:
         path = Path(s)
     if not path.is_file():
@@ -209,8 +222,10 @@ def load_detector(config: str | os.PathLike, checkpoint: str | os.PathLike, devi
     ``meta.CLASSES`` (mmdet 2.x), or, for an 80-class head without names, the COCO classes.
 
     Raises:
-        DetectorError: missing files, a checkpoint that does not fit the config, or no usable class names.
+        DetectorError: mmdet is not installed, missing files, a checkpoint that does not fit the config, or no
+            usable class names.
     """
+    require_mmdet()
     from mmdet.apis import init_detector
     from mmdet.evaluation import get_classes
 
