@@ -38,6 +38,16 @@ def test_ids_and_mask_match_xlmr(spm_file, text):
     assert tok.build_input(tok.encode(text)) == _reference(spm_file, text)
 
 
+@pytest.mark.parametrize("text", [
+    "a <s> b", "a<s>b", "x </s> y", "<pad>red car", "A white <mask> Sedan.", "a<mask>b", "<unk>", "a \t<unk>\n b",
+    "<s><s>", "<s> </s>", "< s >", "A <S> car <s", "This is a <car>.",
+])
+def test_special_token_strings_in_a_text_match_xlmr(spm_file, text):
+    """XLMRobertaTokenizer turns the specials' strings into their ids; sentencepiece alone would cut them up."""
+    tok = Tokenizer(spm_file)
+    assert tok.build_input(tok.encode(text)) == _reference(spm_file, text)
+
+
 def test_specials_and_truncation(spm_file):
     from transformers import XLMRobertaTokenizer
 

@@ -6,6 +6,10 @@ piece with id 0 (its own unknown) maps to 3 and ``<mask>`` is ``len(spm) + 1``. 
 ``sentencepiece`` instead of going through ``transformers`` (whose 5.x releases silently build a 5-token vocabulary
 from a bare ``.spm`` path).
 
+The special tokens' strings written in a text (``"<s>"``, ``"</s>"``, ``"<pad>"``, ``"<unk>"``, ``"<mask>"``) become
+their ids, with the whitespace around them dropped, as ``XLMRobertaTokenizer.tokenize`` never lets sentencepiece split
+them; the rest of the text is encoded piece by piece between them.
+
 A text becomes the model input as in the official ``RetrievalDataset``: ids truncated to ``max_len - 2``, then
 ``[bos] + ids + [eos]``, padded with ``pad`` to ``max_len``; the padding mask is 1 at pads and 0 elsewhere.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -26,6 +31,8 @@ log = logging.getLogger(__name__)
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 FAIRSEQ_OFFSET = 1  # fairseq puts <s>,<pad>,</s>,<unk> at 0..3 and shifts every other spm piece by one
 DEFAULT_MAX_LEN = 64  # --num_max_bpe_tokens in the official recipe
+# XLMRobertaTokenizer splits a text at its special tokens' strings and strips the whitespace next to them.
+_SPECIAL_TOKEN = re.compile(r"\s*(<s>|</s>|<pad>|<unk>|<mask>)\s*")
 
 
 class Tokenizer:
@@ -64,6 +71,16 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without bos/eos, in the XLM-R id scheme (what the jsonl index stores)."""
+        if "<" not in text:  # the common case: no special token's string in the text
+            return self._encode_pieces(text)
+        specials = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID, "<mask>": self.mask_id}
+        ids: list[int] = []
+        # re.split with a group alternates text, special, text, ...; the texts may be empty.
+        for i, part in enumerate(_SPECIAL_TOKEN.split(text)):
+            ids.extend([specials[part]] if i % 2 else self._encode_pieces(part) if part else [])
+        return ids
+
+    def _encode_pieces(self, text: str) -> list[int]:
         spm_ids = self.sp.EncodeAsIds(text)
         # spm id 0 is sentencepiece's own <unk>; fairseq maps it to its <unk> (3) instead of shifting it.
         return [i + FAIRSEQ_OFFSET if i != 0 else UNK_ID for i in spm_ids]
