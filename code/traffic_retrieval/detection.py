@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -134,8 +135,8 @@ def require_mmdet() -> Any:
     """The ``mmdet`` module, or a DetectorError saying how to install it: the detector needs mmdet and mmcv built
     with its compiled ops (RTMDet's NMS), which a torch-only environment such as the GPU machines' lacks."""
     try:
-        import mmdet
-        from mmcv.ops import nms  # noqa: F401  (mmcv-lite, or an mmcv built for another torch, fails here)
+        mmdet = importlib.import_module("mmdet")
+        importlib.import_module("mmcv.ops")  # mmcv-lite, or an mmcv built for another torch, fails here
     except (ImportError, OSError) as e:  # OSError: a compiled extension that cannot be loaded
         raise DetectorError(
             f"the detector needs mmdet 3.3.0 and mmcv 2.1.0 built with its ops, which {sys.executable} cannot "
