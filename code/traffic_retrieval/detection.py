@@ -324,6 +324,8 @@ class BatchDetector:
         with warnings.catch_warnings():
             # mmdet 3.3's SE layer calls the deprecated torch.cuda.amp.autocast: one warning per batch otherwise.
             warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast", category=FutureWarning)
+            # and its anchor generator calls torch.meshgrid without indexing= (it means "ij", torch's default)
+            warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
             results = self.model.test_step(batch)
         out = []
         for r in results:
