@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> list[QueryResult]:
         checkpoints = {c: getattr(args, f"finetune_{c}") for c in CATEGORIES if getattr(args, f"finetune_{c}")}
         category = None if args.category == "auto" else args.category
         if checkpoints:  # a query without its model fails before any model is loaded
-            route_queries(queries, checkpoints, category)
+            asked = set(route_queries(queries, checkpoints, category))
+            for c in sorted(set(checkpoints) - asked):  # its gallery would be encoded for nothing
+                log.info("the %s model is not loaded: no query is about %s", c, c)
+            checkpoints = {c: p for c, p in checkpoints.items() if c in asked}
         cache_dir = args.cache_dir or default_cache_dir(args.images, args.output_dir)
         crops = None
         if args.detect:  # the crops live in the cache folder, also with --no_cache (that is for the features)

@@ -153,6 +153,8 @@ def test_queries_go_to_the_model_of_their_category(tiny_dataset, images, load_sc
     assert [r.category for r in forced] == ["car"] * 3
     want = _brute_force(ckpt, tiny_spm, images, queries, 4)
     assert [[h.name for h in r.hits] for r in forced] == [[n for n, _ in w] for w in want]
+    # no query for the people model: it is not loaded and the gallery is not encoded with it
+    assert str(people_ckpt) not in (out / "search.html").read_text()
 
 
 def test_a_query_without_its_category_model_fails_before_loading(tiny_dataset, images, load_script, ckpt,
