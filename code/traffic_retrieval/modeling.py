@@ -34,10 +34,10 @@ ALL_VISION = -1
 ALL_TEXT = 0
 POSITION_OFFSET = 2  # fairseq positions start at 2: rows 0 and 1 of both position tables are never used
 
-# Attention kernel preference (``--sdpa``). "default": PyTorch's own order (FlashAttention-2 first on CUDA).
-# "cudnn": cuDNN's fused attention first; published measurements on Hopper GPUs (H100/H200) put it at 1.7-2.3x
-# FlashAttention-2 for training shapes. Inputs a backend cannot take fall through to the next one; CPU kernels
-# are the same either way.
+# Attention kernel preference (``--sdpa``). "default": PyTorch's own order, which depends on the version and the GPU
+# (on an H100 with torch 2.11 it already picks cuDNN's fused attention for the model's image and text shapes).
+# "cudnn": cuDNN's fused attention first, for setups whose default picks another kernel. Inputs a backend cannot
+# take fall through to the next one; CPU kernels are the same either way.
 SDPA_ORDERS: dict[str, list[SDPBackend] | None] = {
     "default": None,
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,

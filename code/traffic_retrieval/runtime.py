@@ -35,8 +35,8 @@ def setup(threads: int | None = None, sdpa: str = "default", level: int = loggin
 def add_sdpa_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--sdpa``: the attention kernel preference on a GPU (one definition for every script that runs the model)."""
     parser.add_argument("--sdpa", choices=list(SDPA_ORDERS), default="default",
-                        help="attention kernels on a GPU: PyTorch's order (FlashAttention first) or cuDNN's fused "
-                             "attention first, faster on Hopper GPUs in published measurements (default: %(default)s)")
+                        help="attention kernels on a GPU: PyTorch's own order (on an H100 with torch 2.11 it "
+                             "already picks cuDNN's) or cuDNN's fused attention first (default: %(default)s)")
 
 
 def resolve_device(device: str | None) -> torch.device:
