@@ -41,6 +41,7 @@ from traffic_retrieval.search import (
     read_relevance,
     route_queries,
     write_html,
+    write_json_results,
 )
 
 log = logging.getLogger("search")
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
     p.add_argument("--html", default=None, help="contact sheet to write (default: <output_dir>/search.html, "
                                                 "else search.html)")
+    p.add_argument("--json", default=None, help="also write the results as JSON (query, category, ranked names, "
+                                                "paths and scores) to this file")
     p.add_argument("--title", default=None, help="page title (default: the folder and model)")
     p.add_argument("--gt", default=None, help="ground truth, text$img1$img2... per line, to mark hits and misses")
     p.add_argument("--input_size", type=int, default=None, help="image side (default: the model's)")
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> list[QueryResult]:
                         len(results), args.gt)
     title = args.title or f"{Path(args.images).name}: {args.model}"
     write_html(html_path, results, title, searcher.info)
+    if args.json:
+        write_json_results(args.json, results, searcher.info)
     print(format_results(results))
     print(f"\ncontact sheet: {html_path}")
     return results

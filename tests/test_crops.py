@@ -188,7 +188,10 @@ def test_search_detect_lists_frames_by_their_best_object(tiny_dataset, frames, l
     relevant = dict(read_ground_truth(gt))
 
     # one model: every object of every frame
-    results = main(common + ["--finetune", str(ckpts["car"])])
+    results = main(common + ["--finetune", str(ckpts["car"]), "--json", str(out / "results.json")])
+    hits = json.loads((out / "results.json").read_text())["results"][0]["hits"]
+    assert [(Path(h["path"]), h["object"]["box"]) for h in hits] == \
+        [(frames / h.name, list(h.obj.box)) for h in results[0].hits]  # the user's frame, and where the object is
     for r, q in zip(results, queries):
         want = _best_frames(ckpts["car"], tiny_spm, all_crops, fc.folder, q, 5)
         assert [(h.name, h.obj.box) for h in r.hits] == [(f, box) for f, _, box in want]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -82,7 +83,8 @@ def test_search_table_html_and_hits(tiny_dataset, images, search, ckpt, tiny_spm
     qfile.write_text("\n".join(queries) + "\n")
     gt_file = tiny_dataset / "test" / "test_gt.txt"
     out = tmp_path / "out"
-    results = search(images, "--queries", str(qfile), "--k", "5", "--gt", str(gt_file), "--output_dir", str(out))
+    results = search(images, "--queries", str(qfile), "--k", "5", "--gt", str(gt_file), "--output_dir", str(out),
+                     "--json", str(out / "results.json"))
 
     # the ranking equals a brute-force full score matrix
     ref = _brute_force(ckpt, tiny_spm, images, queries, 5)
@@ -114,6 +116,15 @@ def test_search_table_html_and_hits(tiny_dataset, images, search, ckpt, tiny_spm
     for r in results:
         assert r.text in page and f"official AP {r.official_ap:.4f}" in page
     assert (out / "cache").is_dir()  # --output_dir also hosts the cache
+
+    # --json: the same results, machine-readable
+    data = json.loads((out / "results.json").read_text())
+    assert [q["text"] for q in data["results"]] == queries and str(ckpt) in data["info"].values()
+    for q, r in zip(data["results"], results):
+        assert q["official_ap"] == r.official_ap and q["category"] is None
+        assert [(h["rank"], h["name"], h["score"], h["relevant"]) for h in q["hits"]] == \
+            [(h.rank, h.name, h.score, h.relevant) for h in r.hits]
+        assert all(Path(h["path"]) == images / h["name"] for h in q["hits"])
 
 
 def test_queries_go_to_the_model_of_their_category(tiny_dataset, images, load_script, ckpt, tiny_spm, tmp_path):

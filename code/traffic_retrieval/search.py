@@ -33,7 +33,7 @@ from .categories import CATEGORIES, text_category
 from .checkpoint import resolve_checkpoint_path
 from .crops import Crop, FrameCrops
 from .encoding import ImageFeatures, encode_texts, list_images
-from .fileio import folder_key, write_text
+from .fileio import folder_key, write_json, write_text
 from .images import ImageReadError, load_rgb
 from .inference import FeatureSpec, encode_gallery, load_model, rank_gallery, resolve_pad
 from .labels import read_ground_truth, read_test_text
@@ -404,6 +404,31 @@ def render_html(results: Sequence[QueryResult], title: str = "Text-to-image sear
         parts.append("</div></section>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def results_json(results: Sequence[QueryResult], info: Mapping[str, str] | None = None) -> dict:
+    """The results as plain JSON data: per query its text, the category whose model answered, the APs (with ground
+    truth) and the hits (rank, name, path, score, relevant; with ``--detect`` also the object's box and detector
+    score in its frame)."""
+    rows = []
+    for r in results:
+        hits = []
+        for h in r.hits:
+            hit = {"rank": h.rank, "name": h.name, "path": str(h.frame_path or h.path), "score": h.score,
+                   "relevant": h.relevant}
+            if h.obj is not None:
+                hit["object"] = {"category": h.obj.category, "box": list(h.obj.box), "score": h.obj.score}
+            hits.append(hit)
+        rows.append({"text": r.text, "category": r.category, "official_ap": r.official_ap, "ap_at_k": r.ap_at_k,
+                     "num_relevant": r.num_relevant, "hits": hits})
+    return {"info": dict(info or {}), "results": rows}
+
+
+def write_json_results(path: str | os.PathLike, results: Sequence[QueryResult],
+                       info: Mapping[str, str] | None = None) -> None:
+    """Write :func:`results_json` atomically."""
+    write_json(path, results_json(results, info), indent=1)
+    log.info("wrote results %s", path)
 
 
 def write_html(path: str | os.PathLike, results: Sequence[QueryResult], title: str = "Text-to-image search",
