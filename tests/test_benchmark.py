@@ -12,8 +12,7 @@ def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> Non
     load_script("benchmark")["main"](
         ["--model", "beit3_nano_patch16_32", "--batch_size", "4", "--device", "cpu", "--iters", "1", "--warmup", "1",
          "--infer_gallery", "20", "--sdpa", "cudnn", "--drop_path", "0.2", "--settings", "train", "train_ckpt",
-         "encode_image",
-         "encode_text", "infer_stage", "attention"])
+         "encode_image", "encode_text", "infer_stage", "attention"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by = {(r["setting"], r.get("impl"), r.get("shape"), r.get("sdpa")): r for r in rows}
 

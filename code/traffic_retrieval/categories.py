@@ -60,9 +60,10 @@ _CODE_RE = re.compile(r"[01](?:,[01]){%d}" % (len(PEDESTRIAN_ATTRIBUTES) - 1))
 # Vehicle attribute text: words (letters, digits, '-', '&', apostrophes) separated by single spaces, ending with '.'.
 _VEHICLE_ATTR_RE = re.compile(r"[A-Za-z][A-Za-z0-9&'\-]*(?: [A-Za-z0-9][A-Za-z0-9&'\-]*)*\.")
 # The 4th place's rule (a capitalised "He "/"She " sentence, which every real pedestrian caption has), extended to
-# the gender/person words of the real pedestrian captions and the everyday words a user searching for people types ("A person with a backpack.", "a girl in a red dress"), as whole words in any case. Vehicle
-# captions ("This is a blue BMW Bus.") and brand names never contain them; whole words keep "Mansory"/"Germany"-like
-# names and "Omanian" from matching.
+# the gender/person words of the real pedestrian captions and the everyday words a user searching for people types
+# ("A person with a backpack.", "a girl in a red dress"), as whole words in any case. Vehicle captions ("This is a
+# blue BMW Bus.") and brand names never contain them; whole words keep "Mansory"/"Germany"-like names and "Omanian"
+# from matching.
 _PERSON_WORD_RE = re.compile(
     r"\b(?:"
     r"(?:fe)?males?|wom[ae]n|m[ae]n|pedestrians?|his|her|s?he|him"

@@ -144,8 +144,7 @@ def build_optimizer(
 # device (the fused / foreach kernels). An optimizer state dict carries them too, and loading one (torch's
 # load_state_dict, DeepSpeed's load_checkpoint) puts the saved values back into the groups, so a resume would
 # silently keep the old ones (e.g. a run started on the CPU would go on without the fused kernel on a GPU).
-GROUP_SETTINGS = ("lr_scale", "weight_decay", "betas", "eps",
-                  "fused", "foreach", "capturable")  # the last three: this run's device decides (e.g. CPU -> GPU)
+GROUP_SETTINGS = ("lr_scale", "weight_decay", "betas", "eps", "fused", "foreach", "capturable")
 
 
 def group_settings(optimizer: Any) -> dict[str, dict[str, Any]]:
