@@ -16,10 +16,10 @@ import torch
 
 from traffic_retrieval import runtime
 from traffic_retrieval.bench import run
-from traffic_retrieval.modeling import canonical_model_name, list_models
+from traffic_retrieval.modeling import canonical_model_name, list_models, set_fused_ffn
 from traffic_retrieval.precision import PRECISIONS, default_precision
 
-SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text", "infer_stage", "attention")
+SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text", "infer_stage", "attention", "ffn")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=["train", "encode_image", "encode_text"], choices=SETTINGS)
     p.add_argument("--reference", default="torchscale", choices=["torchscale", "none"])
     p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer of our model")
+    p.add_argument("--fused_ffn", action="store_true",
+                   help="our model's FFN GELU + LayerNorm as one Triton kernel on the GPU (traffic_retrieval.kernels)")
     p.add_argument("--drop_path", type=float, default=0.0,
                    help="stochastic depth of the last layer in the training settings, for both models (the recipe "
                         "uses 0.2; default: %(default)s)")
@@ -59,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runtime.setup(args.threads, args.sdpa)
+    set_fused_ffn(args.fused_ffn)
     run(args)
 
 

@@ -12,7 +12,7 @@ def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> Non
     load_script("benchmark")["main"](
         ["--model", "beit3_nano_patch16_32", "--batch_size", "4", "--device", "cpu", "--iters", "1", "--warmup", "1",
          "--infer_gallery", "20", "--sdpa", "cudnn", "--drop_path", "0.2", "--settings", "train", "train_ckpt",
-         "encode_image", "encode_text", "infer_stage", "attention"])
+         "encode_image", "encode_text", "infer_stage", "attention", "ffn"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     by = {(r["setting"], r.get("impl"), r.get("shape"), r.get("sdpa")): r for r in rows}
 
@@ -35,6 +35,13 @@ def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> Non
             r = by["attention", None, shape, sdpa]
             assert r["tokens"] == tokens and r["kernel"] in {"FLASH_ATTENTION", "MATH"}  # what a CPU has
             assert r["rel_err_out"] < 1e-5 and r["rel_err_grad"] < 1e-5 and r["seconds_fwd_bwd"] > 0
+
+    # the FFN's GELU + Sub-LN: eager and compiled on the CPU; the Triton kernel says it needs a GPU
+    ffn = {r["impl"]: r for r in rows if r["setting"] == "ffn"}
+    for impl in ("eager", "compiled"):
+        assert ffn[impl]["rows"] == 4 * 5 and ffn[impl]["features"] == 256 and ffn[impl]["gb_per_s"] > 0
+        assert ffn[impl]["rel_err_out"] < 1e-5 and ffn[impl]["rel_err_grad"] < 1e-5
+    assert ffn["fused"]["error"] == "the Triton kernel needs a CUDA device"
 
 
 def test_a_missing_reference_fails_before_any_timing(load_script, capsys, monkeypatch) -> None:

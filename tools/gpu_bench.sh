@@ -5,6 +5,8 @@
 # Options (environment): SETTINGS (benchmark settings), BENCH_FLAGS (default --compile), SDPA (default "default").
 # The attention-kernel comparison: SETTINGS="attention train" SDPA="default cudnn" BENCH_FLAGS="--compile \
 #   --reference none" OUT=... bash tools/gpu_bench.sh
+# The fused FFN kernel, alone and in the training step: SETTINGS="ffn train" BENCH_FLAGS="--compile --fused_ffn \
+#   --reference none" OUT=... bash tools/gpu_bench.sh
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 if ! python -c "import torchscale, fairscale" 2>/dev/null; then

@@ -6,7 +6,9 @@ and optimizer with CUDA events, measures how long Python takes to issue one step
 waits for the CPU), and with ``--profile`` sums the kernels of two steps by kind and lists the 30 longest.
 ``--variant`` compares ways of compiling: ``layers`` (the project's ``--compile``), ``reduce_overhead`` (the same with
 CUDA graphs), ``whole`` (one graph for the whole forward), ``eager``; ``--inductor KEY=VALUE`` sets inductor options
-on top (e.g. ``triton.multi_kernel=0`` for the layers without the project's multi-kernel option). One JSON line per run; results: ``tools/bench_results/``.
+on top (e.g. ``triton.multi_kernel=0`` for the layers without the project's multi-kernel option); ``--fused_ffn``
+runs the FFN's GELU + LayerNorm as the project's Triton kernel. One JSON line per run; results:
+``tools/bench_results/``.
 
     PYTHONPATH=code python tools/gpu_profile.py --profile
     PYTHONPATH=code python tools/gpu_profile.py --device cpu --model beit3_tiny_patch8_64 --batch 8 --precision fp32
@@ -25,7 +27,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from traffic_retrieval.bench import _contrastive, _time, build, make_inputs
-from traffic_retrieval.modeling import compile_layers, get_config
+from traffic_retrieval.modeling import compile_layers, get_config, set_fused_ffn
 from traffic_retrieval.precision import get_autocast
 
 KINDS = {  # kernel-name fragments -> kind, first match wins
@@ -49,10 +51,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--profile", action="store_true", help="kernel time by kind, and the 30 longest kernels")
+    p.add_argument("--fused_ffn", action="store_true", help="the FFN's GELU + LayerNorm as one Triton kernel")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="inductor config settings")
     a = p.parse_args()
     options = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in a.inductor)}
 
+    set_fused_ffn(a.fused_ffn)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model = build("ours", a.model, dev, False, False, None)
@@ -82,7 +86,7 @@ def main() -> None:
     step()
     step()
     sync()
-    row = {"variant": a.variant, "inductor": a.inductor, "warmup_s": time.perf_counter() - t0}
+    row = {"variant": a.variant, "inductor": a.inductor, "fused_ffn": a.fused_ffn, "warmup_s": time.perf_counter() - t0}
     t = _time(step, dev, 2, 8)
     row.update(pairs_per_s=a.batch / t, step_ms=t * 1e3,
                peak_gb=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)

@@ -9,6 +9,10 @@ Settings (each prints one JSON line):
 - ``attention``: the attention op alone on the model's image and text shapes, once per ``--sdpa`` preference: the
   kernel that runs, forward+backward time, and the largest error of the output and the input gradients against an
   fp32 reference (the math kernel): whether a preference is faster, and still right, on this GPU.
+- ``ffn``: the FFN's GELU + Sub-LN alone on the image shape (batch x tokens rows of the FFN width), forward+backward,
+  as eager ops, as inductor compiles them for ``--compile``, and as the project's Triton kernel (``--fused_ffn``, GPU
+  only): time, bandwidth over the least memory traffic it needs, the launch shape the autotuner chose, and the
+  largest error against fp32.
 The official model is timed on the same shapes, inputs and precision; ``ratio`` = ours / official. MFU counts model
 FLOPs (3x forward for a training step; recomputation by checkpointing is not counted) over a matmul peak measured in
 the same run. The FLOPs are the full model's for both implementations; the project's last layer computes the first
@@ -30,8 +34,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .encoding import encode_token_batches
-from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers, get_config,
-                       sdpa_preference, set_sdpa)
+from . import kernels
+from .modeling import (INDUCTOR_OPTIONS, SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers,
+                       get_config, sdpa_preference, set_sdpa)
 from .precision import get_autocast
 from .retrieval import topk_similarity
 
@@ -211,7 +216,7 @@ def run_setting(setting: str, impl: str, args, device: torch.device) -> dict:
     row = {"setting": setting, "impl": impl, "model": args.model, "img_size": cfg.img_size, "batch": batch,
            "precision": args.precision, "checkpointing": ckpt, "drop_path": args.drop_path,
            "sdpa": args.sdpa if impl == "ours" else "default",
-           "compile": bool(args.compile and impl == "ours")}
+           "compile": bool(args.compile and impl == "ours"), "fused_ffn": bool(args.fused_ffn and impl == "ours")}
     # (trimmed text batches vary in length: dynamo recompiles once with a dynamic length, within the warm-up)
     _free(device)
     try:
@@ -275,6 +280,7 @@ def run_infer_stage(args, device: torch.device) -> dict:
     seconds = time.perf_counter() - t0
     row = {"setting": "infer_stage", "impl": "ours", "model": args.model, "img_size": cfg.img_size, "models": 2,
            "gallery": n, "queries": n, "precision": args.precision, "sdpa": args.sdpa, "compile": bool(args.compile),
+           "fused_ffn": args.fused_ffn,
            "seconds": seconds, "warmup_seconds": warmup, "peak_mem_gb": _peak_gb(device)}
     models = None  # noqa: F841
     _free(device)
@@ -322,6 +328,51 @@ def _sdpa_kernel_name(qkv: list[torch.Tensor], mask: torch.Tensor | None) -> str
         return names[torch._fused_sdp_choice(*qkv[:3], mask)]
 
 
+def _gelu_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(F.gelu(x), (x.shape[-1],), w, b, eps)
+
+
+def run_ffn_check(args, device: torch.device) -> list[dict]:
+    """The ``ffn`` setting (module docstring): one row per implementation of the FFN's GELU + Sub-LN."""
+    cfg = get_config(args.model, img_size=args.input_size)
+    rows_n, n = args.batch_size * (cfg.num_patches + 1), cfg.ffn_dim
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    g = torch.Generator(device=device).manual_seed(0)
+    x, grad = (torch.randn(rows_n, n, generator=g, device=device) for _ in range(2))
+    w, b = 1 + 0.1 * torch.randn(n, generator=g, device=device), 0.1 * torch.randn(n, generator=g, device=device)
+    ref = _ffn_pass(_gelu_layernorm, x, grad, w, b, cfg.layernorm_eps)
+    impls = {"eager": _gelu_layernorm,
+             "compiled": torch.compile(_gelu_layernorm, options=INDUCTOR_OPTIONS if device.type == "cuda" else None),
+             "fused": kernels.gelu_layernorm}
+    # least traffic: read x, write y; read dy and x, write dx (the weights are negligible)
+    min_bytes = 5 * rows_n * n * torch.finfo(dtype).bits // 8
+    xs, grads = x.to(dtype), grad.to(dtype)
+    rows = []
+    for name, fn in impls.items():
+        row = {"setting": "ffn", "impl": name, "rows": rows_n, "features": n, "precision": args.precision}
+        if name == "fused" and not kernels.supports(xs):
+            rows.append({**row, "error": "the Triton kernel needs a CUDA device"})
+            continue
+        out = _ffn_pass(fn, xs, grads, w, b, cfg.layernorm_eps)
+        errors = [(o.float() - r).abs().max().item() / r.abs().max().item() for o, r in zip(out, ref)]
+        t = _time(lambda: _ffn_pass(fn, xs, grads, w, b, cfg.layernorm_eps), device, args.warmup, args.iters)
+        row.update(seconds_fwd_bwd=t, gb_per_s=min_bytes / t / 1e9, rel_err_out=errors[0],
+                   rel_err_grad=max(errors[1:]))
+        if name == "fused" and not kernels.INTERPRETED:
+            row["launch"] = {k: str(f.best_config) for k, f in (("fwd", kernels._gelu_ln_fwd_tuned),
+                                                                   ("bwd", kernels._gelu_ln_bwd_tuned))}
+        rows.append(row)
+    return rows
+
+
+def _ffn_pass(fn: Callable, x: torch.Tensor, grad: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+              eps: float) -> list[torch.Tensor]:
+    """Output and (dx, dw, db) of one GELU + LayerNorm for the upstream gradient ``grad``."""
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    out = fn(x, w, b, eps)
+    return [out.detach(), *torch.autograd.grad(out, (x, w, b), grad)]
+
+
 def run(args) -> list[dict]:
     if args.reference == "torchscale" and set(args.settings) & set(PAIRED_SETTINGS):
         import_official()  # fail now, not after the first setting has spent its (GPU) time
@@ -330,8 +381,8 @@ def run(args) -> list[dict]:
     rows: list[dict] = []
     impls = ["ours"] + (["official"] if args.reference == "torchscale" else [])
     for setting in args.settings:
-        if setting == "attention":
-            for row in run_attention_check(args, device):
+        if setting in ("attention", "ffn"):
+            for row in (run_attention_check if setting == "attention" else run_ffn_check)(args, device):
                 rows.append({**row, "device": _device_name(device), "torch": torch.__version__})
                 print(json.dumps(rows[-1]), flush=True)
             continue

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
+
 # Expert routing for a sequence: every token to A (vision), every token to B (language), or the first k tokens
 # to A and the rest to B (joint image+text input, k = number of vision tokens).
 ALL_VISION = -1
@@ -63,6 +65,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tens
     """``F.scaled_dot_product_attention`` under the chosen kernel preference."""
     with sdpa_preference():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+# The FFN's GELU + Sub-LN as one Triton kernel on GPU tensors (``--fused_ffn``, see traffic_retrieval.kernels): the
+# same numbers as the unfused ops, less memory traffic. CPU tensors always take the unfused ops.
+_fused_ffn = False
+
+
+def set_fused_ffn(enabled: bool) -> None:
+    """Use the fused GELU + LayerNorm kernel in the FFN for GPU tensors (this process)."""
+    global _fused_ffn
+    if enabled and not kernels.available():
+        raise ValueError("the fused FFN kernel needs Triton (installed with torch's CUDA builds)")
+    _fused_ffn = enabled
 
 
 @dataclass(frozen=True)
@@ -166,7 +181,11 @@ class FeedForward(nn.Module):
         self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim, eps=cfg.layernorm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.ffn_layernorm(F.gelu(self.fc1(x))))
+        h = self.fc1(x)
+        ln = self.ffn_layernorm
+        if _fused_ffn and kernels.supports(h):
+            return self.fc2(kernels.gelu_layernorm(h, ln.weight, ln.bias, ln.eps))
+        return self.fc2(ln(F.gelu(h)))
 
 
 class DropPath(nn.Module):

@@ -1,0 +1,207 @@
+"""A fused GELU + LayerNorm for the FFN's Sub-LN, written in Triton (GPU; on the CPU only under Triton's interpreter).
+
+The FFN computes ``fc2(LayerNorm(GELU(fc1(x))))`` over 4 x the embedding width (4096 for large). On an H200 profile
+of the compiled large@384 training step (tools/bench_results/h200_2026-11-27_profile.txt), inductor's kernels for
+that GELU + LayerNorm took 0.84 ms forward and 0.95 + 0.26 ms backward per layer, several times what reading and
+writing its tensors once costs. Here the forward reads the fc1 output once and writes the normalised output once
+(keeping the row's mean and 1/std); the backward reads the incoming gradient and the fc1 output once, recomputes
+GELU, writes the input gradient, and accumulates the weight and bias gradients per program (summed afterwards, so
+the result is deterministic).
+
+The numbers are those of ``F.layer_norm(F.gelu(x), ...)`` computed in fp32 (exact erf GELU, biased variance), with
+the output in ``x``'s dtype: under autocast the official code's LayerNorm returns fp32 that ``fc2`` then casts to
+bf16/fp16, so the output ``fc2`` receives is the same. Registered as ``torch.library`` custom ops, so that
+``torch.compile`` treats them as single kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch builds without Triton (e.g. CPU-only wheels): the fused op is unavailable
+    triton = None
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on CPU tensors, for tests
+
+
+def available() -> bool:
+    """Whether Triton is installed (on the CPU, kernels also need ``TRITON_INTERPRET=1`` before this import)."""
+    return triton is not None
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the fused op can run on ``x``'s device."""
+    return available() and (x.is_cuda or (INTERPRETED and x.device.type == "cpu"))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu(x):
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def _gelu_ln_fwd(X, W, B, Y, MEAN, RSTD, N, eps, BLOCK: tl.constexpr):
+        # one program per row; the whole row stays in registers (BLOCK >= N)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        g = _gelu(x)  # GELU(0) = 0: masked lanes add nothing to the mean
+        mean = tl.sum(g, axis=0) / N
+        d = tl.where(mask, g - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * N + cols, (d * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _gelu_ln_bwd(DY, X, W, MEAN, RSTD, DX, DW, DB, M, N, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+        # each program takes a contiguous run of rows and keeps its share of dW and dB in registers
+        pid = tl.program_id(0)
+        rows_per_program = tl.cdiv(M, tl.num_programs(0))
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        db = tl.zeros([BLOCK], dtype=tl.float32)
+        start = pid * rows_per_program
+        end = tl.minimum(start + rows_per_program, M)
+        offs = start.to(tl.int64) * N + cols  # int64: a batch's rows x features can pass 2**31
+        # With PREFETCH the next row's x and dy are loaded (in their storage dtype) before this row's reductions,
+        # so that their latency overlaps this row's work: at one program per SM no other warps can fill it.
+        if PREFETCH:
+            x_next = tl.load(X + offs, mask=mask & (start < end), other=0.0)
+            dy_next = tl.load(DY + offs, mask=mask & (start < end), other=0.0)
+        for row in range(start, end):
+            if PREFETCH:
+                x = x_next.to(tl.float32)
+                dy = dy_next.to(tl.float32)
+                x_next = tl.load(X + offs + N, mask=mask & (row + 1 < end), other=0.0)
+                dy_next = tl.load(DY + offs + N, mask=mask & (row + 1 < end), other=0.0)
+            else:
+                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+            xhat = tl.where(mask, (x * cdf - mean) * rstd, 0.0)
+            wdy = w * dy  # zero on masked lanes (w and dy loaded as 0 there)
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            c2 = tl.sum(wdy, axis=0) / N
+            dg = (wdy - (xhat * c1 + c2)) * rstd  # LayerNorm backward
+            dx = dg * (cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x))  # GELU'(x) = Phi(x) + x phi(x)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+            db += dy
+            offs += N
+        tl.store(DW + pid * N + cols, dw, mask=mask)
+        tl.store(DB + pid * N + cols, db, mask=mask)
+
+
+    # The best launch shape depends on the GPU (registers, memory latency); it cannot be measured on the CPU where
+    # this was written, so Triton's autotuner times the candidates on the first call for each width and keeps the
+    # fastest. The backward holds dW and dB partial sums for its rows in registers (about 200 per thread at 8 warps
+    # for 4096 features), so one program fits per SM: the grid is one program per SM.
+    FWD_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+    BWD_CONFIGS = [triton.Config({"PREFETCH": p}, num_warps=w) for w in (8, 16, 32) for p in (False, True)]
+    _gelu_ln_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["N"])(_gelu_ln_fwd)
+    _gelu_ln_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["N"])(_gelu_ln_bwd)
+
+MAX_FEATURES = 16384  # a row of fp32 values must fit one program's registers
+INTERPRETER_CONFIG = {"num_warps": 4, "PREFETCH": True}  # no timing in the interpreter: one fixed shape
+
+
+def _block(n: int) -> int:
+    """The power of two covering a row of ``n`` features."""
+    if n > MAX_FEATURES:
+        raise ValueError(f"fused GELU + LayerNorm supports rows of at most {MAX_FEATURES} features, got {n}")
+    return triton.next_power_of_2(n)
+
+
+def _backward_programs(x: Tensor, rows: int) -> int:
+    """One program per SM (the interpreter: a few, each looping over rows as on the GPU)."""
+    programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3
+    return max(min(rows, programs), 1)
+
+
+@torch.library.custom_op("traffic_retrieval::gelu_layernorm_fwd", mutates_args=())
+def gelu_layernorm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``LayerNorm(GELU(x))`` over the last dim, plus each row's mean and 1/std (fp32) for the backward."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        args = (x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, n, eps)
+        if INTERPRETED:
+            _gelu_ln_fwd[(rows,)](*args, BLOCK=_block(n), num_warps=INTERPRETER_CONFIG["num_warps"])
+        else:
+            _gelu_ln_fwd_tuned[(rows,)](*args, BLOCK=_block(n))
+    return y.view(x.shape), mean, rstd
+
+
+@gelu_layernorm_fwd.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    rows = x.numel() // x.shape[-1]
+    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("traffic_retrieval::gelu_layernorm_bwd", mutates_args=())
+def gelu_layernorm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`gelu_layernorm_fwd`'s output with respect to ``x``, ``weight`` and ``bias``."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    dy2 = dy.reshape(-1, n).contiguous()
+    rows = x2.shape[0]
+    dx = torch.empty_like(x2)
+    programs = _backward_programs(x, rows)
+    dw = torch.zeros(programs, n, dtype=torch.float32, device=x.device)
+    db = torch.zeros(programs, n, dtype=torch.float32, device=x.device)
+    if rows:
+        args = (dy2, x2, weight.contiguous(), mean, rstd, dx, dw, db, rows, n)
+        if INTERPRETED:
+            _gelu_ln_bwd[(programs,)](*args, BLOCK=_block(n), **INTERPRETER_CONFIG)
+        else:
+            _gelu_ln_bwd_tuned[(programs,)](*args, BLOCK=_block(n))
+    return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+@gelu_layernorm_bwd.register_fake
+def _(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
+    x, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy: Tensor, _dmean: Tensor, _drstd: Tensor):  # noqa: ANN001, ANN202
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = gelu_layernorm_bwd(dy, x, weight, mean, rstd)
+    return dx, dw, db, None
+
+
+gelu_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gelu_layernorm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``F.layer_norm(F.gelu(x), (N,), weight, bias, eps)`` in one kernel, returned in ``x``'s dtype."""
+    if not supports(x):
+        raise RuntimeError("the fused GELU + LayerNorm needs Triton and a CUDA tensor "
+                           "(or TRITON_INTERPRET=1 for CPU tensors)")
+    return gelu_layernorm_fwd(x, weight, bias, eps)[0]

@@ -1,0 +1,68 @@
+"""The fused GELU + LayerNorm Triton kernels (traffic_retrieval.kernels): numbers under Triton's interpreter, and
+machine code for a Hopper GPU from Triton's own compiler (no GPU needed for either)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from traffic_retrieval import kernels
+from traffic_retrieval.modeling import set_fused_ffn
+
+CASES = Path(__file__).parent / "triton_interpreter_cases.py"
+
+
+def test_kernels_under_the_interpreter():
+    """tests/triton_interpreter_cases.py in a subprocess with TRITON_INTERPRET=1: values and gradients against
+    torch, and the nano model with the fused FFN against the official model."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_every_autotune_candidate_compiles_for_hopper(which):
+    """Each launch shape the autotuner may pick on a GPU, compiled by Triton for sm_90 (H100/H200) with the large
+    model's 4096 features in bf16: catches what the interpreter does not (types, register-level code generation)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import triton
+
+    ptrs = {"*bf16": ["X", "Y", "DY", "DX"], "*fp32": ["W", "B", "MEAN", "RSTD", "DW", "DB"]}
+    kind = {name: t for t, names in ptrs.items() for name in names} | {"N": "i32", "M": "i32", "eps": "fp32"}
+    fn, configs = ((kernels._gelu_ln_fwd, kernels.FWD_CONFIGS) if which == "fwd"
+                   else (kernels._gelu_ln_bwd, kernels.BWD_CONFIGS))
+    for cfg in configs:
+        constexprs = {"BLOCK": 4096, **cfg.kwargs}
+        signature = {name: "constexpr" if name in constexprs else kind[name] for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": cfg.num_warps})
+        assert compiled.asm["cubin"], cfg
+
+
+def test_fused_ffn_leaves_cpu_tensors_to_the_unfused_ops():
+    """Outside the interpreter a CPU tensor is not the kernel's: the op says so, and the model computes as before."""
+    assert kernels.available() and not kernels.INTERPRETED
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        kernels.gelu_layernorm(x, torch.ones(8), torch.zeros(8), 1e-5)
+    from traffic_retrieval.modeling import create_model
+
+    model = create_model("beit3_nano_patch16_32").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.encode_image(images)
+        set_fused_ffn(True)
+        try:
+            got = model.encode_image(images)
+        finally:
+            set_fused_ffn(False)
+    assert torch.equal(got, want)

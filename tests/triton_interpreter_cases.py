@@ -1,0 +1,135 @@
+"""The fused GELU + LayerNorm kernels run by Triton's interpreter on CPU tensors (the CI machine has no GPU).
+
+Not collected by the main run (the name is not test_*.py): ``test_kernels.py`` runs this file in a subprocess with
+``TRITON_INTERPRET=1``, which Triton reads when the kernels are defined.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from beit3_oracle import OfficialRetrieval, encoder_config
+
+from traffic_retrieval import kernels
+from traffic_retrieval.modeling import compile_layers, create_model, set_fused_ffn
+
+assert os.environ.get("TRITON_INTERPRET") == "1" and kernels.INTERPRETED, "run through test_kernels.py"
+
+
+def _reference(x, w, b, eps):
+    return F.layer_norm(F.gelu(x.float()), (x.shape[-1],), w.float(), b.float(), eps)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("shape", [(5, 96), (2, 7, 64), (1, 3, 4096), (4, 1, 24)])
+def test_values_and_gradients_match_torch(shape, prefetch, monkeypatch):
+    """fp32: output and the gradients of x, weight and bias equal LayerNorm(GELU(x)) by autograd; rows are not a
+    multiple of the backward's programs, widths not powers of two."""
+    monkeypatch.setitem(kernels.INTERPRETER_CONFIG, "PREFETCH", prefetch)
+    g = torch.Generator().manual_seed(0)
+    n = shape[-1]
+    x = (torch.randn(*shape, generator=g) * 2).requires_grad_()
+    w = (torch.randn(n, generator=g) + 1).requires_grad_()
+    b = torch.randn(n, generator=g).requires_grad_()
+    y = kernels.gelu_layernorm(x, w, b, 1e-5)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y2 = _reference(x2, w2, b2, 1e-5)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert (y - y2).abs().max() <= 1e-5
+    dy = torch.randn(shape, generator=g)
+    y.backward(dy)
+    y2.backward(dy)
+    for got, want in ((x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
+        assert (got - want).abs().max() <= 2e-5 * max(1.0, want.abs().max().item())
+
+
+def test_bf16_input_gives_bf16_output_of_the_fp32_result():
+    """Under autocast fc1 gives bf16; the kernel computes in fp32 and rounds once, as fc2's cast of the official
+    fp32 LayerNorm output does."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4096, generator=g).bfloat16()
+    w, b = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+    y = kernels.gelu_layernorm(x, w, b, 1e-5)
+    assert y.dtype == torch.bfloat16
+    want = _reference(x, w, b, 1e-5)
+    assert torch.equal(y, want.bfloat16()) or (y.float() - want).abs().max() <= 2 ** -7 * want.abs().max()
+    dx, dw, db = kernels.gelu_layernorm_bwd(torch.ones_like(x), x, w, *kernels.gelu_layernorm_fwd(x, w, b, 1e-5)[1:])
+    assert dx.dtype == torch.bfloat16 and dw.dtype == db.dtype == torch.float32
+
+
+def test_empty_batch_and_width_limit():
+    w = torch.ones(8)
+    y = kernels.gelu_layernorm(torch.empty(0, 8), w, w, 1e-5)
+    assert y.shape == (0, 8)
+    with pytest.raises(ValueError, match="at most 16384 features"):
+        kernels.gelu_layernorm(torch.zeros(1, 16385), torch.ones(16385), torch.ones(16385), 1e-5)
+
+
+def _tiny_models():
+    torch.manual_seed(0)
+    official = OfficialRetrieval(encoder_config(64, 2, 4, 32, vocab=100, max_pos=128)).eval()
+    with torch.no_grad():
+        for p in official.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 and p.shape[0] == 64 else 0.0))
+    ours = create_model("beit3_nano_patch16_32", vocab_size=100).eval()
+    ours.load_state_dict(official.state_dict())
+    return official, ours
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    tokens = torch.randint(4, 100, (3, 20), generator=g)
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    mask[0, 9:] = 1  # padded text
+    return images, tokens, mask
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_model_with_the_fused_ffn_matches_the_official_model(compiled):
+    """The nano model with ``set_fused_ffn(True)`` (eager, and with its layers compiled: the ops' fake
+    implementations and autograd must trace): features equal the official model's within 1e-5 and a training
+    step's gradients equal the unfused model's."""
+    official, plain = _tiny_models()
+    fused = copy.deepcopy(plain)
+    if compiled:
+        torch._dynamo.reset()
+        compile_layers(fused, backend="aot_eager")  # the ops trace; inductor on CPU takes a minute more
+    images, tokens, mask = _inputs()
+    set_fused_ffn(True)
+    try:
+        with torch.no_grad():
+            img, txt = fused.encode_image(images), fused.encode_text(tokens, mask)
+        assert (img - official.image_features(images)).abs().max() <= 1e-5
+        assert (txt - official.text_features(tokens, mask)).abs().max() <= 1e-5
+        grads = []
+        for m in (fused.train(), None):
+            if m is None:
+                set_fused_ffn(False)
+                m = plain.train()
+            loss = (m.logit_scale.exp() * m.encode_image(images) @ m.encode_text(tokens, mask).T).logsumexp(-1).sum()
+            grads.append(torch.autograd.grad(loss, list(m.parameters()), allow_unused=True))
+    finally:
+        set_fused_ffn(False)
+    names = [n for n, _ in plain.named_parameters()]
+    assert any("ffn_layernorm" in n for n, a in zip(names, grads[0]) if a is not None)
+    for name, a, b in zip(names, *grads):
+        assert (a is None) == (b is None), name
+        assert a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+def test_benchmark_ffn_setting_times_the_kernel():
+    """``benchmark.py --settings ffn`` where the kernel runs: its row has a time and errors within fp32 rounding."""
+    from argparse import Namespace
+
+    from traffic_retrieval.bench import run_ffn_check
+
+    args = Namespace(model="beit3_nano_patch16_32", input_size=None, batch_size=2, precision="fp32", warmup=1, iters=1)
+    rows = {r["impl"]: r for r in run_ffn_check(args, torch.device("cpu"))}
+    assert set(rows) == {"eager", "compiled", "fused"}
+    assert rows["fused"]["seconds_fwd_bwd"] > 0 and rows["fused"]["rows"] == 2 * 5
+    assert rows["fused"]["rel_err_out"] < 1e-5 and rows["fused"]["rel_err_grad"] < 1e-5
