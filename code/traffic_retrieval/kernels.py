@@ -64,10 +64,10 @@ if triton is not None:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
-    def _gelu_ln_bwd(DY, X, W, MEAN, RSTD, DX, DW, DB, M, N, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+    def _gelu_ln_bwd(DY, X, W, MEAN, RSTD, DX, DW, DB, M, N, rows_per_program, BLOCK: tl.constexpr,
+                     PREFETCH: tl.constexpr):
         # each program takes a contiguous run of rows and keeps its share of dW and dB in registers
         pid = tl.program_id(0)
-        rows_per_program = tl.cdiv(M, tl.num_programs(0))
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -170,7 +170,7 @@ def gelu_layernorm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
     dw = torch.zeros(programs, n, dtype=torch.float32, device=x.device)
     db = torch.zeros(programs, n, dtype=torch.float32, device=x.device)
     if rows:
-        args = (dy2, x2, weight.contiguous(), mean, rstd, dx, dw, db, rows, n)
+        args = (dy2, x2, weight.contiguous(), mean, rstd, dx, dw, db, rows, n, triton.cdiv(rows, programs))
         if INTERPRETED:
             _gelu_ln_bwd[(programs,)](*args, BLOCK=_block(n), **INTERPRETER_CONFIG)
         else:
