@@ -9,7 +9,8 @@ Differences from the official code that do not change the numbers: attention goe
 ``F.scaled_dot_product_attention`` (no explicit score matrix), q/k/v are one GEMM, the last layer of
 ``encode_image`` / ``encode_text`` computes only the first token's output (the only one retrieval reads; its keys
 and values still come from every token), the expert choice is an argument instead of a mutable ``split_position``
-attribute, and activation checkpointing uses ``torch.utils.checkpoint``.
+attribute, activation checkpointing uses ``torch.utils.checkpoint``, and optionally (``set_fused_ffn``) the FFN's
+GELU + Sub-LN runs as one Triton kernel on the GPU.
 Parameter names and shapes are exactly those of the official state dict (``logit_scale``, ``beit3.*``,
 ``language_head.weight``, ``vision_head.weight``).
 """
@@ -68,7 +69,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tens
 
 
 # The FFN's GELU + Sub-LN as one Triton kernel on GPU tensors (``--fused_ffn``, see traffic_retrieval.kernels): the
-# same numbers as the unfused ops, less memory traffic. CPU tensors always take the unfused ops.
+# same numbers as the unfused ops, less memory traffic. CPU tensors take the unfused ops (except under Triton's
+# interpreter, which the tests use).
 _fused_ffn = False
 
 
