@@ -32,7 +32,7 @@ def test_kernels_under_the_interpreter():
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
 def test_every_autotune_candidate_compiles_for_hopper(which):
     """Each launch shape the autotuner may pick on a GPU, compiled by Triton for sm_90 (H100/H200) with the large
-    model's 4096 features in bf16: catches what the interpreter does not (types, register-level code generation)."""
+    model's 4096 features: catches what the interpreter does not (types, register-level code generation)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -43,12 +43,15 @@ def test_every_autotune_candidate_compiles_for_hopper(which):
                                                                           "rows_per_program": "i32"}
     fn, configs = ((kernels._gelu_ln_fwd, kernels.FWD_CONFIGS) if which == "fwd"
                    else (kernels._gelu_ln_bwd, kernels.BWD_CONFIGS))
-    for cfg in configs:
+    # every candidate in bf16 (autocast), the first one also for fp16 activations and an fp32 model
+    runs = [(cfg, "*bf16") for cfg in configs] + [(configs[0], "*fp16"), (configs[0], "*fp32")]
+    for cfg, act in runs:
         constexprs = {"BLOCK": 4096, **cfg.kwargs}
-        signature = {name: "constexpr" if name in constexprs else kind[name] for name in fn.arg_names}
+        types = {**kind, **{name: act for name in ptrs["*bf16"]}}
+        signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
         compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": cfg.num_warps})
-        assert compiled.asm["cubin"], cfg
+        assert compiled.asm["cubin"], (cfg, act)
 
 
 def test_fused_ffn_leaves_cpu_tensors_to_the_unfused_ops():
