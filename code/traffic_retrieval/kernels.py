@@ -153,8 +153,9 @@ def gelu_layernorm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> t
 
 @gelu_layernorm_fwd.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    # contiguous like the real outputs (empty_like would copy the strides of a non-contiguous x)
     rows = x.numel() // x.shape[-1]
-    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
 @torch.library.custom_op("traffic_retrieval::gelu_layernorm_bwd", mutates_args=())
@@ -180,7 +181,7 @@ def gelu_layernorm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
 
 @gelu_layernorm_bwd.register_fake
 def _(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
