@@ -159,3 +159,22 @@ def test_opcheck():
     _, mean, rstd = kernels.gelu_layernorm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
     torch.library.opcheck(kernels.gelu_layernorm_bwd, (torch.randn(2, 5, 48, generator=g), x.detach(), w.detach(),
                                                        mean, rstd))
+
+
+def test_under_bf16_autocast_the_fused_ffn_is_as_accurate_as_the_unfused_ops():
+    """With bf16 autocast (as training runs), the features' error against fp32 is no larger with the kernel (it keeps
+    GELU's output in fp32 where the unfused ops round it to bf16)."""
+    official, model = _tiny_models()
+    images, tokens, mask = _inputs()
+    with torch.no_grad():
+        want = official.image_features(images), official.text_features(tokens, mask)
+        errors = {}
+        for fused in (False, True):
+            set_fused_ffn(fused)
+            try:
+                with torch.autocast("cpu", torch.bfloat16):
+                    got = model.encode_image(images), model.encode_text(tokens, mask)
+            finally:
+                set_fused_ffn(False)
+            errors[fused] = max((g.float() - w).abs().max().item() for g, w in zip(got, want))
+    assert errors[True] <= 1.25 * errors[False] and errors[True] < 0.05, errors
