@@ -106,7 +106,6 @@ if triton is not None:
         tl.store(DW + pid * N + cols, dw, mask=mask)
         tl.store(DB + pid * N + cols, db, mask=mask)
 
-
     # The best launch shape depends on the GPU (registers, memory latency); it cannot be measured on the CPU where
     # this was written, so Triton's autotuner times the candidates on the first call for each width and keeps the
     # fastest. The backward holds dW and dB partial sums for its rows in registers (about 200 per thread at 8 warps
