@@ -77,7 +77,7 @@ if triton is not None:
         end = tl.minimum(start + rows_per_program, M)
         offs = start.to(tl.int64) * N + cols  # int64: a batch's rows x features can pass 2**31
         # With PREFETCH the next row's x and dy are loaded (in their storage dtype) before this row's reductions,
-        # so that their latency overlaps this row's work: at one program per SM no other warps can fill it.
+        # so that their latency overlaps this row's work: an SM holds only one or two programs to switch between.
         if PREFETCH:
             x_next = tl.load(X + offs, mask=mask & (start < end), other=0.0)
             dy_next = tl.load(DY + offs, mask=mask & (start < end), other=0.0)
@@ -108,8 +108,9 @@ if triton is not None:
 
     # The best launch shape depends on the GPU (registers, memory latency); it cannot be measured on the CPU where
     # this was written, so Triton's autotuner times the candidates on the first call for each width and keeps the
-    # fastest. The backward holds dW and dB partial sums for its rows in registers (about 200 per thread at 8 warps
-    # for 4096 features), so one program fits per SM: the grid is one program per SM.
+    # fastest. The backward holds dW and dB partial sums for its rows in registers: for 4096 features ptxas gives
+    # 128 registers per thread at 8 warps (169 with prefetching), 83 at 16 and 49 at 32, so one or two programs
+    # fit on an SM at a time; its grid is a few programs per SM whatever the shape (see _backward_programs).
     FWD_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
     BWD_CONFIGS = [triton.Config({"PREFETCH": p}, num_warps=w) for w in (8, 16, 32) for p in (False, True)]
     _gelu_ln_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["N"])(_gelu_ln_fwd)
@@ -127,8 +128,9 @@ def _block(n: int) -> int:
 
 
 def _backward_programs(x: Tensor, rows: int) -> int:
-    """One program per SM (the interpreter: a few, each looping over rows as on the GPU)."""
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3
+    """Four programs per SM: they run in one to four waves, depending on how many fit on an SM at once, with a
+    small tail either way (the interpreter: a few, each looping over rows as on the GPU)."""
+    programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 3
     return max(min(rows, programs), 1)
 
 
