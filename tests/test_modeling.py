@@ -196,6 +196,63 @@ def test_compiled_layers_match_the_official_features_and_eager_gradients(sdpa, c
     assert "recompile_limit" not in caplog.text
 
 
+def test_compiled_layers_checkpoint_inside_the_graph_with_the_same_gradients():
+    """--compile with --checkpoint_activations and drop path: the checkpoint is part of each compiled layer (it keeps
+    a fraction of the activations a compiled layer without it keeps), the names are unchanged, there is no graph
+    break, and a training step's gradients equal the eager model's without checkpointing, drop-path masks included
+    (inductor's random numbers made eager's with fallback_random, so that both draw the same masks)."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def inductor(gm: torch.fx.GraphModule, example_inputs):  # inductor, keeping the graphs dynamo gave it
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    plain = create_model("beit3_nano_patch16_32", vocab_size=100, drop_path_rate=0.3).train()
+    models = {ckpt: compile_layers(create_model("beit3_nano_patch16_32", vocab_size=100, drop_path_rate=0.3,
+                                                checkpoint_activations=ckpt), backend=inductor).train()
+              for ckpt in (False, True)}
+    for m in models.values():
+        m.load_state_dict(plain.state_dict())
+    assert list(models[True].state_dict()) == list(plain.state_dict())
+    images, (tokens, mask) = torch.randn(3, 3, 32, 32), _texts(100, [7, 30, 64])
+
+    def step(m):
+        torch.manual_seed(5)
+        loss = (m.logit_scale.exp() * m.encode_image(images) @ m.encode_text(tokens, mask).T).logsumexp(-1).sum()
+        return torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)
+
+    def saved_bytes(m) -> int:
+        """Activations kept for the backward of an image forward (weights, also kept, are not counted)."""
+        weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        sizes = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.encode_image(images)
+        return sum(sizes)
+
+    counters.clear()
+    with inductor_config.patch(fallback_random=True):
+        want, got = step(plain), step(models[True])
+        saved = {ckpt: saved_bytes(m) for ckpt, m in models.items()}
+    for (name, _), a, b in zip(plain.named_parameters(), want, got):
+        assert (a is None) == (b is None), name  # (a different drop-path mask would be off by far more)
+        assert a is None or (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item()), name
+    assert saved[True] < saved[False] / 2, saved
+    assert any("tag_activation_checkpoint" in str(gm.graph) for gm in graphs)  # the checkpoint is in the graph
+    assert not counters["graph_break"]
+
+
 def test_autocast_keeps_the_residual_stream_in_fp32_as_the_official_code():
     """Under bf16 autocast the patch embedding is bf16; the fp32 CLS token and positions must promote the residual
     stream of the image tower to fp32 (as official, and as the text tower), not be cast down to bf16."""
@@ -232,6 +289,7 @@ def test_compiled_layers_with_drop_path_share_their_graphs(caplog):
     timm's DropPath (a Python float rate) 12 layers ran past dynamo's limit and fell back to eager."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # compiled code of earlier tests' layers counts toward the same recompile limit
     model = create_model("beit3_nano_patch16_32", depth=12, drop_path_rate=0.2).train()
     counters.clear()
     compile_layers(model, backend="eager")  # dynamo's graph capture alone: what recompiles is decided there

@@ -235,9 +235,22 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = Multiway(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
         # One DropPath for both residual branches, as in the official layer (no parameters, so no key changes).
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.checkpoint_activations = cfg.checkpoint_activations
 
     def forward(self, x: Tensor, split: int, attn_mask: Tensor | None, queries: int | None = None) -> Tensor:
-        """[B, L, D] -> [B, L, D], or [B, queries, D]: the first ``queries`` tokens only (they attend to all)."""
+        """[B, L, D] -> [B, L, D], or [B, queries, D]: the first ``queries`` tokens only (they attend to all).
+
+        With activation checkpointing (training), the layer keeps only its inputs and recomputes the rest in the
+        backward. The checkpoint is taken here, inside the layer, so that a compiled layer (``compile_layers``)
+        compiles it too: inductor then recomputes only what the backward needs, fused into the backward's kernels
+        (on the CPU, the tiny model's checkpointed step ran about 15% faster than with the checkpoint around the
+        compiled layer; it saves more than the inputs alone, still a fraction of what no checkpointing keeps).
+        """
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, split, attn_mask, queries, use_reentrant=False)
+        return self._forward(x, split, attn_mask, queries)
+
+    def _forward(self, x: Tensor, split: int, attn_mask: Tensor | None, queries: int | None) -> Tensor:
         h = self.self_attn_layer_norm(x, split)
         if queries is not None:
             x = x[:, :queries]
@@ -284,7 +297,6 @@ class Encoder(nn.Module):
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linspace(0, rate, depth)
         self.layers = nn.ModuleList([EncoderLayer(cfg, dpr[i]) for i in range(cfg.depth)])
         self.layer_norm = Multiway(nn.LayerNorm(cfg.embed_dim, eps=cfg.layernorm_eps))
-        self.checkpoint_activations = cfg.checkpoint_activations
 
     def forward(self, x: Tensor, split: int, padding_mask: Tensor | None = None,
                 out_tokens: int | None = None) -> Tensor:
@@ -302,11 +314,7 @@ class Encoder(nn.Module):
             attn_mask = (~pad)[:, None, None, :]  # [B, 1, 1, L]
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            queries = out_tokens if i == last else None
-            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, split, attn_mask, queries, use_reentrant=False)
-            else:
-                x = layer(x, split, attn_mask, queries)
+            x = layer(x, split, attn_mask, out_tokens if i == last else None)
         return self.layer_norm(x, split)
 
 
