@@ -399,8 +399,9 @@ def test_torchrun_two_processes(deepspeed, indexed, tiny_spm, tmp_path, load_scr
 
 def test_train_people_script_runs_the_recipe(indexed, tiny_spm, tmp_path, script, deepspeed_env) -> None:
     """code/train_people.sh (through train_car.sh): torchrun, DeepSpeed (fp32 on the CPU), activation checkpointing,
-    starting from a checkpoint; tiny overrides after the recipe's flags. Then resumed: with changed optimizer flags,
-    which apply, and with another precision or ZeRO stage, which DeepSpeed cannot load (refused)."""
+    starting from a checkpoint; tiny overrides after the recipe's flags, with --compile (checkpointing and drop path
+    inside the compiled layers). Then resumed: with changed optimizer flags, which apply, and with another precision
+    or ZeRO stage, which DeepSpeed cannot load (refused)."""
     start = tmp_path / "start.pth"
     torch.manual_seed(1)
     start_model = create_model("beit3_nano_patch16_32")
@@ -411,13 +412,13 @@ def test_train_people_script_runs_the_recipe(indexed, tiny_spm, tmp_path, script
            "MASTER_PORT": str(free_port())}
     recipe = ["bash", "code/train_people.sh", "--model", "beit3_nano_patch16_32", "--input_size", "32",
               "--batch_size", "4", "--warmup_epochs", "0", "--num_workers", "0"]
-    _run([*recipe, "--epochs", "1"], env)
+    _run([*recipe, "--epochs", "1", "--compile"], env)
     args = json.loads((out / "args.json").read_text())
     assert args["data"]["category"] == "people" and args["model"]["finetune"] == str(start)
     assert (args["optim"]["lr"], args["optim"]["layer_decay"], args["optim"]["weight_decay"],
             args["model"]["drop_path"], args["runtime"]["seed"], args["runtime"]["save_ckpt_freq"]) == (
         3e-5, 0.85, 0.05, 0.2, 42, 5)
-    assert args["runtime"]["enable_deepspeed"] and args["model"]["checkpoint_activations"]
+    assert args["runtime"]["enable_deepspeed"] and args["model"]["checkpoint_activations"] and args["model"]["compile"]
     assert args["resolved"]["precision"] == "fp32"
     ds = json.loads((out / "deepspeed_config.json").read_text())
     assert "fp16" not in ds and "bf16" not in ds and ds["optimizer"]["params"]["lr"] == 3e-5
