@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--drop_path must be in [0, 1)")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda given but no GPU is available")
+    if args.fused_ffn and not cuda:
+        p.error("--fused_ffn is a GPU kernel: give --device cuda (the CPU runs the unfused ops)")
     return args
 
 

@@ -57,3 +57,9 @@ def test_a_missing_reference_fails_before_any_timing(load_script, capsys, monkey
     load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "2", "--device", "cpu",
                                       "--iters", "1", "--warmup", "1", "--settings", "attention"])
     assert '"setting": "attention"' in capsys.readouterr().out
+
+
+def test_fused_ffn_needs_a_gpu(load_script, capsys) -> None:
+    with pytest.raises(SystemExit):
+        load_script("benchmark")["parse_args"](["--device", "cpu", "--fused_ffn"])
+    assert "--fused_ffn is a GPU kernel: give --device cuda" in capsys.readouterr().err

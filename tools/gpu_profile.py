@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--fused_ffn", action="store_true", help="the FFN's GELU + LayerNorm as one Triton kernel")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="inductor config settings")
     a = p.parse_args()
+    if a.fused_ffn and not a.device.startswith("cuda"):
+        p.error("--fused_ffn is a GPU kernel: give --device cuda")
     options = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in a.inductor)}
 
     set_fused_ffn(a.fused_ffn)
