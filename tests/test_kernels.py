@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from traffic_retrieval import kernels
-from traffic_retrieval.modeling import set_fused_ffn
+from traffic_retrieval.modeling import create_model, set_fused_ffn
 
 CASES = Path(__file__).parent / "triton_interpreter_cases.py"
 
@@ -65,8 +65,6 @@ def test_fused_ffn_leaves_cpu_tensors_to_the_unfused_ops():
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match="CUDA tensor"):
         kernels.gelu_layernorm(x, torch.ones(8), torch.zeros(8), 1e-5)
-    from traffic_retrieval.modeling import create_model
-
     model = create_model("beit3_nano_patch16_32").eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
