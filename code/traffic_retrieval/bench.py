@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .encoding import encode_token_batches
 from . import kernels
+from .encoding import encode_token_batches
 from .modeling import (INDUCTOR_OPTIONS, SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers,
                        get_config, sdpa_preference, set_sdpa)
-from .precision import get_autocast
+from .precision import compute_dtype, get_autocast
 from .retrieval import topk_similarity
 
 TEXT_LEN = 64
@@ -58,7 +58,7 @@ def pair_flops(cfg: BEiT3Config) -> float:
 
 def matmul_peak(device: torch.device, precision: str, n: int) -> float:
     """Measured FLOP/s of an n^3 matmul in the benchmark's precision: the practical ceiling for MFU."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = compute_dtype(precision)
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -291,7 +291,7 @@ def run_attention_check(args, device: torch.device) -> list[dict]:
     """The ``attention`` setting (module docstring): one row per (shape, --sdpa preference)."""
     cfg = get_config(args.model, img_size=args.input_size)
     h, hd, b = cfg.num_heads, cfg.embed_dim // cfg.num_heads, args.batch_size
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    dtype = compute_dtype(args.precision)
     _, pad = make_texts(cfg, b, device)
     shapes = {"image": (cfg.num_patches + 1, None), "text": (TEXT_LEN, (pad == 0)[:, None, None, :])}
     rows = []
@@ -336,7 +336,7 @@ def run_ffn_check(args, device: torch.device) -> list[dict]:
     """The ``ffn`` setting (module docstring): one row per implementation of the FFN's GELU + Sub-LN."""
     cfg = get_config(args.model, img_size=args.input_size)
     rows_n, n = args.batch_size * (cfg.num_patches + 1), cfg.ffn_dim
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    dtype = compute_dtype(args.precision)
     g = torch.Generator(device=device).manual_seed(0)
     x, grad = (torch.randn(rows_n, n, generator=g, device=device) for _ in range(2))
     w, b = 1 + 0.1 * torch.randn(n, generator=g, device=device), 0.1 * torch.randn(n, generator=g, device=device)
@@ -359,8 +359,7 @@ def run_ffn_check(args, device: torch.device) -> list[dict]:
         row.update(seconds_fwd_bwd=t, gb_per_s=min_bytes / t / 1e9, rel_err_out=errors[0],
                    rel_err_grad=max(errors[1:]))
         if name == "fused" and not kernels.INTERPRETED:
-            row["launch"] = {k: str(f.best_config) for k, f in (("fwd", kernels._gelu_ln_fwd_tuned),
-                                                                   ("bwd", kernels._gelu_ln_bwd_tuned))}
+            row["launch"] = kernels.chosen_launch()
         rows.append(row)
     return rows
 
@@ -373,6 +372,9 @@ def _ffn_pass(fn: Callable, x: torch.Tensor, grad: torch.Tensor, w: torch.Tensor
     return [out.detach(), *torch.autograd.grad(out, (x, w, b), grad)]
 
 
+KERNEL_CHECKS = {"attention": run_attention_check, "ffn": run_ffn_check}  # one op alone, a row per variant
+
+
 def run(args) -> list[dict]:
     if args.reference == "torchscale" and set(args.settings) & set(PAIRED_SETTINGS):
         import_official()  # fail now, not after the first setting has spent its (GPU) time
@@ -381,8 +383,8 @@ def run(args) -> list[dict]:
     rows: list[dict] = []
     impls = ["ours"] + (["official"] if args.reference == "torchscale" else [])
     for setting in args.settings:
-        if setting in ("attention", "ffn"):
-            for row in (run_attention_check if setting == "attention" else run_ffn_check)(args, device):
+        if setting in KERNEL_CHECKS:
+            for row in KERNEL_CHECKS[setting](args, device):
                 rows.append({**row, "device": _device_name(device), "torch": torch.__version__})
                 print(json.dumps(rows[-1]), flush=True)
             continue

@@ -1,4 +1,5 @@
-"""Mixed precision: one place that turns a ``--precision`` string into an autocast context and a scaler decision."""
+"""Mixed precision: one place that turns a ``--precision`` string into an autocast context, its dtype and a scaler
+decision."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def _check(precision: str, device: torch.device) -> None:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision fp16 is not supported on cpu (slow and unscaled there); use bf16 or fp32")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype autocast computes in for ``precision`` (fp32: float32)."""
+    return _DTYPES.get(precision, torch.float32)
 
 
 def default_precision(device: torch.device | str) -> str:
