@@ -34,6 +34,15 @@ def encoder_config(dim: int, layers: int, heads: int, img: int, vocab: int = 640
     )
 
 
+def randomize_(model: nn.Module, dim: int) -> nn.Module:
+    """Random values in every parameter (LayerNorm weights around 1), so that no LN, bias or logit_scale is left at
+    a symmetric init that would hide a mistake."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 and p.shape[0] == dim else 0.0))
+    return model
+
+
 class OfficialRetrieval(nn.Module):
     """BEiT3ForRetrieval's tensors and feature path: beit3 -> CLS -> head -> L2 normalise."""
 

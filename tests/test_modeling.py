@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from beit3_oracle import OFFICIAL, OfficialRetrieval, encoder_config
+from beit3_oracle import OFFICIAL, OfficialRetrieval, encoder_config, randomize_
 
 from traffic_retrieval.checkpoint import load_weights
 from traffic_retrieval.modeling import (SDPA_ORDERS, compile_layers, create_model, get_config, list_models,
@@ -20,12 +20,9 @@ def _tiny_pair(seed: int = 0, **kw):
     """An official tiny model with random weights and the project's model of the same shape."""
     torch.manual_seed(seed)
     cfg = {**TINY, **kw}
-    official = OfficialRetrieval(encoder_config(cfg["dim"], cfg["layers"], cfg["heads"], cfg["img"],
-                                                vocab=cfg["vocab"], max_pos=cfg["max_pos"])).eval()
-    # random values everywhere, so that no parameter (LN, biases, logit_scale) is left at a symmetric init
-    with torch.no_grad():
-        for p in official.parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 and p.shape[0] == cfg["dim"] else 0.0))
+    args = encoder_config(cfg["dim"], cfg["layers"], cfg["heads"], cfg["img"], vocab=cfg["vocab"],
+                          max_pos=cfg["max_pos"])
+    official = randomize_(OfficialRetrieval(args), cfg["dim"]).eval()
     ours = create_model("beit3_nano_patch16_32", img_size=cfg["img"], embed_dim=cfg["dim"], depth=cfg["layers"],
                         num_heads=cfg["heads"], vocab_size=cfg["vocab"], max_text_positions=cfg["max_pos"]).eval()
     return official, ours
