@@ -63,3 +63,14 @@ def test_fused_ffn_needs_a_gpu(load_script, capsys) -> None:
     with pytest.raises(SystemExit):
         load_script("benchmark")["parse_args"](["--device", "cpu", "--fused_ffn"])
     assert "--fused_ffn is a GPU kernel: give --device cuda" in capsys.readouterr().err
+
+
+def test_ffn_setting_in_bf16(load_script, capsys) -> None:
+    """The ``ffn`` setting with bf16 activations and the fp32 LayerNorm weights the model keeps: its errors against the
+    fp32 reference are bf16 rounding. (CUDA's layer_norm also rejects mixed dtypes, which the CPU's accepts.)"""
+    load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "4", "--device", "cpu",
+                                      "--precision", "bf16", "--iters", "1", "--warmup", "1", "--settings", "ffn"])
+    ffn = {r["impl"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    for impl in ("eager", "compiled"):
+        assert ffn[impl]["precision"] == "bf16" and ffn[impl]["gb_per_s"] > 0
+        assert 0 < ffn[impl]["rel_err_out"] < 2e-2 and 0 < ffn[impl]["rel_err_grad"] < 2e-2

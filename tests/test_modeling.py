@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -315,3 +316,15 @@ def test_registry():
         get_config("beit3_huge")
     with pytest.raises(ValueError, match="expected images of 32x32"):
         create_model("beit3_nano_patch16_32").encode_image(torch.randn(1, 3, 64, 64))
+
+
+def test_compile_turns_off_the_multi_kernel_pick_cache(monkeypatch) -> None:
+    """With inductor's multi-kernel (the default options), the lookup of picks cached by earlier runs is off: torch
+    2.11 crashed loading a multi-kernel from the FX graph cache on an H100, in every run after the first one."""
+    monkeypatch.delenv("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", raising=False)
+    compile_layers(create_model("beit3_nano_patch16_32"), backend="eager")
+    assert "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE" not in os.environ  # no inductor, nothing to turn off
+    compile_layers(create_model("beit3_nano_patch16_32"), options={"triton.multi_kernel": 0})
+    assert "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE" not in os.environ
+    compile_layers(create_model("beit3_nano_patch16_32"))
+    assert os.environ["TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"] == "1"

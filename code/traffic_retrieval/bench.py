@@ -329,7 +329,8 @@ def _sdpa_kernel_name(qkv: list[torch.Tensor], mask: torch.Tensor | None) -> str
 
 
 def _gelu_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(F.gelu(x), (x.shape[-1],), w, b, eps)
+    # the fp32 weights in x's dtype, as the fused kernel takes them (layer_norm wants one dtype; the grads stay fp32)
+    return F.layer_norm(F.gelu(x), (x.shape[-1],), w.to(x.dtype), b.to(x.dtype), eps)
 
 
 def run_ffn_check(args, device: torch.device) -> list[dict]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import ContextManager
 
@@ -443,6 +444,11 @@ def compile_layers(model: BEiT3Retrieval, backend: str = "inductor", options: di
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
     options = {**INDUCTOR_OPTIONS, **(options or {})} if backend == "inductor" else options
+    if (options or {}).get("triton.multi_kernel"):
+        # torch 2.11 fails to load a multi-kernel from inductor's FX graph cache ("'NoneType' object does not support
+        # the context manager protocol" when it looks up the kernel picked before): every run after the first on a
+        # machine would crash. Without that lookup each process picks again when a kernel first runs (milliseconds).
+        os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
     for layer in model.beit3.encoder.layers:
         layer.compile(backend=backend, options=options)
     return model
