@@ -75,3 +75,13 @@ def test_fused_ffn_leaves_cpu_tensors_to_the_unfused_ops():
         finally:
             set_fused_ffn(False)
     assert torch.equal(got, want)
+
+
+def test_one_autotuner_per_range_of_rows(monkeypatch):
+    """The image rows (80 x 577) and the text rows (80 x 64) of a training step are tuned apart; a smaller last batch
+    of the same power-of-two range is not tuned again."""
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    image, text = kernels._tuned("bwd", 80 * 577), kernels._tuned("bwd", 80 * 64)
+    assert image is not text and kernels._tuned("bwd", 70 * 577) is image
+    assert image.configs == kernels.BWD_CONFIGS and kernels._tuned("fwd", 80 * 577).configs == kernels.FWD_CONFIGS
+    assert sorted(kernels._TUNED) == [("bwd", 13), ("bwd", 16), ("fwd", 16)]

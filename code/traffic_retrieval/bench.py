@@ -234,7 +234,9 @@ def run_setting(setting: str, impl: str, args, device: torch.device) -> dict:
             # the official code pads to 64 and ours trims, so this MFU says how well each spends the same work.
             useful = sum(forward_flops(cfg, int(n)) for n in (~inp.mask.bool()).sum(dim=1).tolist())
             row.update(texts_per_s=batch / t, tflops=useful / t / 1e12)
-        row["seconds_per_iter"] = t
+        row.update(seconds_per_iter=t, iters=args.iters)
+        if row["fused_ffn"] and not kernels.INTERPRETED:
+            row["launch"] = kernels.chosen_launch()  # per range of rows: a pick that varies explains a varying speed
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     except RuntimeError as e:

@@ -107,14 +107,31 @@ if triton is not None:
         tl.store(DB + pid * N + cols, db, mask=mask)
 
     # The best launch shape depends on the GPU (registers, memory latency); it cannot be measured on the CPU where
-    # this was written, so Triton's autotuner times the candidates on the first call for each width and keeps the
-    # fastest. The backward holds dW and dB partial sums for its rows in registers: for 4096 features ptxas gives
+    # this was written, so Triton's autotuner times the candidates on the first call and keeps the fastest (see
+    # _tuned). The backward holds dW and dB partial sums for its rows in registers: for 4096 features ptxas gives
     # 128 registers per thread at 8 warps (169 with prefetching), 83 at 16 and 49 at 32, so one or two programs
     # fit on an SM at a time; its grid is a few programs per SM whatever the shape (see _backward_programs).
     FWD_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
     BWD_CONFIGS = [triton.Config({"PREFETCH": p}, num_warps=w) for w in (8, 16, 32) for p in (False, True)]
-    _gelu_ln_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["N"])(_gelu_ln_fwd)
-    _gelu_ln_bwd_tuned = triton.autotune(BWD_CONFIGS, key=["N"])(_gelu_ln_bwd)
+
+_TUNED: dict[tuple[str, int], object] = {}  # (kernel, rows.bit_length()) -> its autotuner
+
+
+def _tuned(kind: str, rows: int):  # noqa: ANN202 (a Triton autotuner)
+    """The autotuned forward (``kind="fwd"``) or backward kernel for inputs of ``rows`` rows.
+
+    One autotuner per power-of-two range of rows, each timing the candidates on its first call: the FFN runs on
+    image tokens (80 x 577 rows at large@384's batch) and on text tokens (80 x 64), whose best launches need not be
+    the same. With one autotuner per width, whichever shape ran first chose for both; the text's kernels take some
+    50 us, close to the timing noise, and the training step with the kernel measured 262 to 312 pairs/s across five
+    processes on H100s (README "Performance"; ``chosen_launch`` shows what each range picked).
+    """
+    key = (kind, rows.bit_length())
+    if key not in _TUNED:
+        kernel, configs = (_gelu_ln_fwd, FWD_CONFIGS) if kind == "fwd" else (_gelu_ln_bwd, BWD_CONFIGS)
+        _TUNED[key] = triton.autotune(configs, key=["N"])(kernel)
+    return _TUNED[key]
+
 
 MAX_FEATURES = 16384  # a row of fp32 values must fit one program's registers
 INTERPRETER_CONFIG = {"num_warps": 4, "PREFETCH": True}  # no timing in the interpreter: one fixed shape
@@ -148,7 +165,7 @@ def gelu_layernorm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> t
         if INTERPRETED:
             _gelu_ln_fwd[(rows,)](*args, BLOCK=_block(n), num_warps=INTERPRETER_CONFIG["num_warps"])
         else:
-            _gelu_ln_fwd_tuned[(rows,)](*args, BLOCK=_block(n))
+            _tuned("fwd", rows)[(rows,)](*args, BLOCK=_block(n))
     return y.view(x.shape), mean, rstd
 
 
@@ -176,7 +193,7 @@ def gelu_layernorm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
         if INTERPRETED:
             _gelu_ln_bwd[(programs,)](*args, BLOCK=_block(n), **INTERPRETER_CONFIG)
         else:
-            _gelu_ln_bwd_tuned[(programs,)](*args, BLOCK=_block(n))
+            _tuned("bwd", rows)[(programs,)](*args, BLOCK=_block(n))
     return dx.view(x.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
 
 
@@ -202,8 +219,9 @@ gelu_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chosen_launch() -> dict[str, str]:
-    """The launch shapes the autotuner picked for the forward and backward kernels (after they have run on a GPU)."""
-    return {"fwd": str(_gelu_ln_fwd_tuned.best_config), "bwd": str(_gelu_ln_bwd_tuned.best_config)}
+    """The launch shape picked per kernel and range of rows, for those that have run on a GPU, e.g.
+    ``{"bwd, rows < 65536": "PREFETCH: True, num_warps: 16, ..."}``."""
+    return {f"{kind}, rows < {2 ** bits}": str(tuner.best_config) for (kind, bits), tuner in sorted(_TUNED.items())}
 
 
 def gelu_layernorm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
