@@ -25,12 +25,14 @@ def _reference(x, w, b, eps):
     return F.layer_norm(F.gelu(x.float()), (x.shape[-1],), w.float(), b.float(), eps)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("shape", [(5, 96), (2, 7, 64), (1, 3, 4096), (4, 1, 24)])
-def test_values_and_gradients_match_torch(shape, prefetch, monkeypatch):
+def test_values_and_gradients_match_torch(shape, prefetch, rows, monkeypatch):
     """fp32: output and the gradients of x, weight and bias equal LayerNorm(GELU(x)) by autograd; rows are not a
-    multiple of the backward's programs, widths not powers of two."""
+    multiple of the backward's programs nor of its tile's rows, widths not powers of two."""
     monkeypatch.setitem(kernels.INTERPRETER_CONFIG, "PREFETCH", prefetch)
+    monkeypatch.setitem(kernels.INTERPRETER_CONFIG, "ROWS", rows)
     g = torch.Generator().manual_seed(0)
     n = shape[-1]
     x = (torch.randn(*shape, generator=g) * 2).requires_grad_()

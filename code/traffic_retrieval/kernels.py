@@ -65,8 +65,10 @@ if triton is not None:
 
     @triton.jit
     def _gelu_ln_bwd(DY, X, W, MEAN, RSTD, DX, DW, DB, M, N, rows_per_program, BLOCK: tl.constexpr,
-                     PREFETCH: tl.constexpr):
-        # each program takes a contiguous run of rows and keeps its share of dW and dB in registers
+                     ROWS: tl.constexpr, PREFETCH: tl.constexpr):
+        # Each program takes a contiguous run of rows, ROWS at a time as a [ROWS, BLOCK] tile, and keeps its share
+        # of dW and dB in registers. With ROWS > 1 one pass of the row reductions (and their barriers across the
+        # program's warps) serves several rows, and more bytes are loaded at once.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -75,44 +77,54 @@ if triton is not None:
         db = tl.zeros([BLOCK], dtype=tl.float32)
         start = pid * rows_per_program
         end = tl.minimum(start + rows_per_program, M)
-        offs = start.to(tl.int64) * N + cols  # int64: a batch's rows x features can pass 2**31
-        # With PREFETCH the next row's x and dy are loaded (in their storage dtype) before this row's reductions,
-        # so that their latency overlaps this row's work: an SM holds only one or two programs to switch between.
+        tile = tl.arange(0, ROWS)
+        # int64: a batch's rows x features can pass 2**31
+        offs = (start + tile).to(tl.int64)[:, None] * N + cols[None, :]
+        # With PREFETCH the next tile's x and dy are loaded (in their storage dtype) before this tile's reductions,
+        # so that their latency overlaps this tile's work: an SM holds only one or two programs to switch between.
         if PREFETCH:
-            x_next = tl.load(X + offs, mask=mask & (start < end), other=0.0)
-            dy_next = tl.load(DY + offs, mask=mask & (start < end), other=0.0)
-        for row in range(start, end):
+            first = mask[None, :] & (start + tile < end)[:, None]
+            x_next = tl.load(X + offs, mask=first, other=0.0)
+            dy_next = tl.load(DY + offs, mask=first, other=0.0)
+        for row in range(start, end, ROWS):
+            rows = row + tile
+            live = mask[None, :] & (rows < end)[:, None]  # rows past the program's run (and masked lanes) are 0
             if PREFETCH:
                 x = x_next.to(tl.float32)
                 dy = dy_next.to(tl.float32)
-                x_next = tl.load(X + offs + N, mask=mask & (row + 1 < end), other=0.0)
-                dy_next = tl.load(DY + offs + N, mask=mask & (row + 1 < end), other=0.0)
+                after = mask[None, :] & (rows + ROWS < end)[:, None]
+                x_next = tl.load(X + offs + ROWS * N, mask=after, other=0.0)
+                dy_next = tl.load(DY + offs + ROWS * N, mask=after, other=0.0)
             else:
-                x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
+                x = tl.load(X + offs, mask=live, other=0.0).to(tl.float32)
+                dy = tl.load(DY + offs, mask=live, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=rows < end, other=0.0)[:, None]
+            rstd = tl.load(RSTD + rows, mask=rows < end, other=0.0)[:, None]
             cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-            xhat = tl.where(mask, (x * cdf - mean) * rstd, 0.0)
-            wdy = w * dy  # zero on masked lanes (w and dy loaded as 0 there)
-            c1 = tl.sum(xhat * wdy, axis=0) / N
-            c2 = tl.sum(wdy, axis=0) / N
+            xhat = tl.where(live, (x * cdf - mean) * rstd, 0.0)
+            wdy = w[None, :] * dy  # zero where not live (dy loaded as 0 there)
+            c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
+            c2 = tl.sum(wdy, axis=1)[:, None] / N
             dg = (wdy - (xhat * c1 + c2)) * rstd  # LayerNorm backward
             dx = dg * (cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x))  # GELU'(x) = Phi(x) + x phi(x)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            dw += dy * xhat
-            db += dy
-            offs += N
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=live)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+            offs += ROWS * N
         tl.store(DW + pid * N + cols, dw, mask=mask)
         tl.store(DB + pid * N + cols, db, mask=mask)
 
     # The best launch shape depends on the GPU (registers, memory latency); it cannot be measured on the CPU where
     # this was written, so Triton's autotuner times the candidates on the first call and keeps the fastest (see
-    # _tuned). The backward holds dW and dB partial sums for its rows in registers: for 4096 features ptxas gives
-    # 128 registers per thread at 8 warps (169 with prefetching), 83 at 16 and 49 at 32, so one or two programs
-    # fit on an SM at a time; its grid is a few programs per SM whatever the shape (see _backward_programs).
+    # _tuned). The backward holds dW and dB partial sums for its rows in registers: for 4096 features ptxas (sm_90)
+    # gives 128 registers per thread at 8 warps (172 with prefetching), 84 at 16 and 49 at 32, so one or two
+    # programs fit on an SM at a time; its grid is a few programs per SM whatever the shape (see
+    # _backward_programs). Two rows per tile: 176 registers at 8 warps, 98 at 16 (124 with prefetching), 64 at 32;
+    # the other two-row shapes and all four-row ones spill registers to memory, and are left out.
     FWD_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-    BWD_CONFIGS = [triton.Config({"PREFETCH": p}, num_warps=w) for w in (8, 16, 32) for p in (False, True)]
+    BWD_CONFIGS = ([triton.Config({"ROWS": 1, "PREFETCH": p}, num_warps=w) for w in (8, 16, 32) for p in (False, True)]
+                   + [triton.Config({"ROWS": 2, "PREFETCH": p}, num_warps=w)
+                      for w, p in ((8, False), (16, False), (16, True), (32, False))])
 
 _TUNED: dict[tuple[str, int], object] = {}  # (kernel, rows.bit_length()) -> its autotuner
 
@@ -122,9 +134,9 @@ def _tuned(kind: str, rows: int):  # noqa: ANN202 (a Triton autotuner)
 
     One autotuner per power-of-two range of rows, each timing the candidates on its first call: the FFN runs on
     image tokens (80 x 577 rows at large@384's batch) and on text tokens (80 x 64), whose best launches need not be
-    the same. With one autotuner per width, whichever shape ran first chose for both; the text's kernels take some
-    50 us, close to the timing noise, and the training step with the kernel measured 262 to 312 pairs/s across five
-    processes on H100s (README "Performance"; ``chosen_launch`` shows what each range picked).
+    the same. With one autotuner per width, whichever shape ran first chose for both; the text's kernels move a
+    ninth of the image's bytes, nearer the timing noise, and the training step with the kernel measured 262 to 312
+    pairs/s across five processes on H100s (README "Performance"; ``chosen_launch`` shows what each range picked).
     """
     key = (kind, rows.bit_length())
     if key not in _TUNED:
@@ -134,7 +146,7 @@ def _tuned(kind: str, rows: int):  # noqa: ANN202 (a Triton autotuner)
 
 
 MAX_FEATURES = 16384  # a row of fp32 values must fit one program's registers
-INTERPRETER_CONFIG = {"num_warps": 4, "PREFETCH": True}  # no timing in the interpreter: one fixed shape
+INTERPRETER_CONFIG = {"num_warps": 4, "ROWS": 2, "PREFETCH": True}  # no timing in the interpreter: one fixed shape
 
 
 def _block(n: int) -> int:
