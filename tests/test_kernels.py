@@ -34,7 +34,8 @@ def test_kernels_under_the_interpreter():
 def test_every_autotune_candidate_compiles_for_hopper(which, tmp_path):
     """Each launch shape the autotuner may pick on a GPU, compiled by Triton for sm_90 (H100/H200) with the large
     model's 4096 features: catches what the interpreter does not (types, register-level code generation). No
-    candidate in bf16 spills registers to memory (ptxas's report), which would make it slow wherever it runs."""
+    candidate in bf16 spills registers to memory (ptxas's report) or spreads a tile's rows over warps (Triton's
+    layout), either of which would make it slow wherever it runs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -62,6 +63,8 @@ def test_every_autotune_candidate_compiles_for_hopper(which, tmp_path):
         if act == "*bf16" and aligned:
             report = _ptxas_report(compiled.asm["ptx"], tmp_path)
             assert re.search(r"\b0 bytes spill stores", report), (cfg, report)
+            # a tile's rows stay in each thread: the sums over them (dW, dB) need no exchange between warps
+            assert not re.search(r"warpsPerCTA = \[(?!1,)\d+, \d+\]", compiled.asm["ttgir"]), cfg
 
 
 def _ptxas_report(ptx: str, tmp_path: Path) -> str:

@@ -119,12 +119,12 @@ if triton is not None:
     # _tuned). The backward holds dW and dB partial sums for its rows in registers: for 4096 features ptxas (sm_90)
     # gives 128 registers per thread at 8 warps (172 with prefetching), 84 at 16 and 49 at 32, so one or two
     # programs fit on an SM at a time; its grid is a few programs per SM whatever the shape (see
-    # _backward_programs). Two rows per tile: 176 registers at 8 warps, 98 at 16 (124 with prefetching), 64 at 32;
-    # the other two-row shapes and all four-row ones spill registers to memory, and are left out.
+    # _backward_programs). Two rows per tile: 176 registers at 8 warps (255 with prefetching), 98 at 16 (124);
+    # Triton keeps a tile's rows in the same thread there, so dW's sum over them needs no exchange between warps.
+    # At 32 warps it splits the rows across warps instead, and four-row tiles spill registers to memory: left out.
     FWD_CONFIGS = [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
-    BWD_CONFIGS = ([triton.Config({"ROWS": 1, "PREFETCH": p}, num_warps=w) for w in (8, 16, 32) for p in (False, True)]
-                   + [triton.Config({"ROWS": 2, "PREFETCH": p}, num_warps=w)
-                      for w, p in ((8, False), (16, False), (16, True), (32, False))])
+    BWD_CONFIGS = [triton.Config({"ROWS": r, "PREFETCH": p}, num_warps=w)
+                   for r, warps in ((1, (8, 16, 32)), (2, (8, 16))) for w in warps for p in (False, True)]
 
 _TUNED: dict[tuple[str, int], object] = {}  # (kernel, rows.bit_length()) -> its autotuner
 
