@@ -123,7 +123,8 @@ def test_model_with_the_fused_ffn_matches_the_official_model(compiled):
 
 
 def test_benchmark_ffn_setting_times_the_kernel():
-    """``benchmark.py --settings ffn`` where the kernel runs: its row has a time and errors within fp32 rounding."""
+    """``benchmark.py --settings ffn`` where the kernel runs: its row has times (forward+backward, forward, backward)
+    and errors within fp32 rounding."""
     from argparse import Namespace
 
     from traffic_retrieval.bench import run_ffn_check
@@ -131,7 +132,8 @@ def test_benchmark_ffn_setting_times_the_kernel():
     args = Namespace(model="beit3_nano_patch16_32", input_size=None, batch_size=2, precision="fp32", warmup=1, iters=1)
     rows = {r["impl"]: r for r in run_ffn_check(args, torch.device("cpu"))}
     assert set(rows) == {"eager", "compiled", "fused"}
-    assert rows["fused"]["seconds_fwd_bwd"] > 0 and rows["fused"]["rows"] == 2 * 5
+    assert rows["fused"]["rows"] == 2 * 5
+    assert min(rows["fused"][k] for k in ("seconds_fwd_bwd", "seconds_fwd", "seconds_bwd")) > 0
     assert rows["fused"]["rel_err_out"] < 1e-5 and rows["fused"]["rel_err_grad"] < 1e-5
 
 

@@ -9,10 +9,10 @@ Settings (each prints one JSON line):
 - ``attention``: the attention op alone on the model's image and text shapes, once per ``--sdpa`` preference: the
   kernel that runs, forward+backward time, and the largest error of the output and the input gradients against an
   fp32 reference (the math kernel): whether a preference is faster, and still right, on this GPU.
-- ``ffn``: the FFN's GELU + Sub-LN alone on the image shape (batch x tokens rows of the FFN width), forward+backward,
-  as eager ops, as inductor compiles them for ``--compile``, and as the project's Triton kernel (``--fused_ffn``, GPU
-  only): time, bandwidth over the least memory traffic it needs, the launch shape the autotuner chose, and the
-  largest error against fp32.
+- ``ffn``: the FFN's GELU + Sub-LN alone on the image shape (batch x tokens rows of the FFN width), as eager ops, as
+  inductor compiles them for ``--compile``, and as the project's Triton kernel (``--fused_ffn``, GPU only): time of
+  forward+backward, of the forward (no grad) and of the backward alone, each with its bandwidth over the least memory
+  traffic it needs, the launch shape the autotuner chose, and the largest error against fp32.
 The official model is timed on the same shapes, inputs and precision; ``ratio`` = ours / official. MFU counts model
 FLOPs (3x forward for a training step; recomputation by checkpointing is not counted) over a matmul peak measured in
 the same run. The FLOPs are the full model's for both implementations; the project's last layer computes the first
@@ -71,15 +71,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds per call after ``warmup`` calls."""
+def _time(fn: Callable[..., object], device: torch.device, warmup: int, iters: int,
+          setup: Callable[[], tuple] | None = None) -> float:
+    """Median seconds per call after ``warmup`` calls; ``setup``, if given, runs untimed before each call and
+    returns ``fn``'s arguments."""
     for _ in range(warmup):
-        fn()
+        fn(*(setup() if setup else ()))
     _sync(device)
     times = []
     for _ in range(iters):
+        args = setup() if setup else ()
+        _sync(device)
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         _sync(device)
         times.append(time.perf_counter() - t0)
     times.sort()
@@ -348,7 +352,7 @@ def run_ffn_check(args, device: torch.device) -> list[dict]:
              "compiled": torch.compile(_gelu_layernorm, options=INDUCTOR_OPTIONS if device.type == "cuda" else None),
              "fused": kernels.gelu_layernorm}
     # least traffic: read x, write y; read dy and x, write dx (the weights are negligible)
-    min_bytes = 5 * rows_n * n * torch.finfo(dtype).bits // 8
+    tensor_bytes = rows_n * n * torch.finfo(dtype).bits // 8
     xs, grads = x.to(dtype), grad.to(dtype)
     rows = []
     for name, fn in impls.items():
@@ -359,8 +363,13 @@ def run_ffn_check(args, device: torch.device) -> list[dict]:
         out = _ffn_pass(fn, xs, grads, w, b, cfg.layernorm_eps)
         errors = [(o.float() - r).abs().max().item() / r.abs().max().item() for o, r in zip(out, ref)]
         t = _time(lambda: _ffn_pass(fn, xs, grads, w, b, cfg.layernorm_eps), device, args.warmup, args.iters)
-        row.update(seconds_fwd_bwd=t, gb_per_s=min_bytes / t / 1e9, rel_err_out=errors[0],
-                   rel_err_grad=max(errors[1:]))
+        with torch.no_grad():
+            t_fwd = _time(lambda: fn(xs, w, b, cfg.layernorm_eps), device, args.warmup, args.iters)
+        t_bwd = _time(lambda out, inputs: torch.autograd.grad(out, inputs, grads), device, args.warmup, args.iters,
+                      setup=lambda: _ffn_forward(fn, xs, w, b, cfg.layernorm_eps))
+        row.update(seconds_fwd_bwd=t, gb_per_s=5 * tensor_bytes / t / 1e9, seconds_fwd=t_fwd,
+                   gb_per_s_fwd=2 * tensor_bytes / t_fwd / 1e9, seconds_bwd=t_bwd,
+                   gb_per_s_bwd=3 * tensor_bytes / t_bwd / 1e9, rel_err_out=errors[0], rel_err_grad=max(errors[1:]))
         if name == "fused" and not kernels.INTERPRETED:
             row["launch"] = kernels.chosen_launch()
         rows.append(row)
@@ -370,9 +379,15 @@ def run_ffn_check(args, device: torch.device) -> list[dict]:
 def _ffn_pass(fn: Callable, x: torch.Tensor, grad: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
               eps: float) -> list[torch.Tensor]:
     """Output and (dx, dw, db) of one GELU + LayerNorm for the upstream gradient ``grad``."""
-    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
-    out = fn(x, w, b, eps)
-    return [out.detach(), *torch.autograd.grad(out, (x, w, b), grad)]
+    out, inputs = _ffn_forward(fn, x, w, b, eps)
+    return [out.detach(), *torch.autograd.grad(out, inputs, grad)]
+
+
+def _ffn_forward(fn: Callable, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One GELU + LayerNorm with autograd, and its inputs: what a backward alone is timed on."""
+    inputs = tuple(t.detach().requires_grad_() for t in (x, w, b))
+    return fn(*inputs, eps), inputs
 
 
 KERNEL_CHECKS = {"attention": run_attention_check, "ffn": run_ffn_check}  # one op alone, a row per variant
