@@ -232,7 +232,7 @@ gelu_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def chosen_launch() -> dict[str, str]:
     """The launch shape picked per kernel and range of rows, for those that have run on a GPU, e.g.
-    ``{"bwd, rows < 65536": "PREFETCH: True, num_warps: 16, ..."}``."""
+    ``{"bwd, rows < 65536": "ROWS: 2, PREFETCH: True, num_warps: 16, ..."}``."""
     return {f"{kind}, rows < {2 ** bits}": str(tuner.best_config) for (kind, bits), tuner in sorted(_TUNED.items())}
 
 

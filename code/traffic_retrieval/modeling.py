@@ -447,7 +447,7 @@ def compile_layers(model: BEiT3Retrieval, backend: str = "inductor", options: di
     if (options or {}).get("triton.multi_kernel"):
         # torch 2.11 fails to load a multi-kernel from inductor's FX graph cache ("'NoneType' object does not support
         # the context manager protocol" when it looks up the kernel picked before): every run after the first on a
-        # machine would crash. Without that lookup each process picks again when a kernel first runs (milliseconds).
+        # machine would crash. Without that lookup each process picks again, timing the variants on their first run.
         os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
     for layer in model.beit3.encoder.layers:
         layer.compile(backend=backend, options=options)
