@@ -198,8 +198,10 @@ def gelu_layernorm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
     rows = x2.shape[0]
     dx = torch.empty_like(x2)
     programs = _backward_programs(x, rows)
-    dw = torch.zeros(programs, n, dtype=torch.float32, device=x.device)
-    db = torch.zeros(programs, n, dtype=torch.float32, device=x.device)
+    # every launched program writes its row of partial sums (zeros if its run of rows is empty): no memset needed
+    partial = torch.empty if rows else torch.zeros
+    dw = partial(programs, n, dtype=torch.float32, device=x.device)
+    db = partial(programs, n, dtype=torch.float32, device=x.device)
     if rows:
         args = (dy2, x2, weight.contiguous(), mean, rstd, dx, dw, db, rows, n, triton.cdiv(rows, programs))
         if INTERPRETED:
