@@ -103,3 +103,4 @@ def test_one_autotuner_per_range_of_rows(monkeypatch):
     assert image is not text and kernels._tuned("bwd", 70 * 577) is image
     assert image.configs == kernels.BWD_CONFIGS and kernels._tuned("fwd", 80 * 577).configs == kernels.FWD_CONFIGS
     assert sorted(kernels._TUNED) == [("bwd", 13), ("bwd", 16), ("fwd", 16)]
+    assert kernels.chosen_launch() == {}  # none has run (timed its candidates) yet

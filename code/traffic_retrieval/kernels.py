@@ -235,7 +235,9 @@ gelu_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
 def chosen_launch() -> dict[str, str]:
     """The launch shape picked per kernel and range of rows, for those that have run on a GPU, e.g.
     ``{"bwd, rows < 65536": "ROWS: 2, PREFETCH: True, num_warps: 16, ..."}``."""
-    return {f"{kind}, rows < {2 ** bits}": str(tuner.best_config) for (kind, bits), tuner in sorted(_TUNED.items())}
+    # (Triton 3.6 sets best_config on an autotuner's first run; 3.8 sets None before it)
+    return {f"{kind}, rows < {2 ** bits}": str(tuner.best_config) for (kind, bits), tuner in sorted(_TUNED.items())
+            if getattr(tuner, "best_config", None) is not None}
 
 
 def gelu_layernorm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
