@@ -35,8 +35,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
 from .encoding import encode_token_batches
-from .modeling import (INDUCTOR_OPTIONS, SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers,
-                       get_config, sdpa_preference, set_sdpa)
+from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers, get_config,
+                       inductor_options, sdpa_preference, set_sdpa)
 from .precision import compute_dtype, get_autocast
 from .retrieval import topk_similarity
 
@@ -349,7 +349,7 @@ def run_ffn_check(args, device: torch.device) -> list[dict]:
     w, b = 1 + 0.1 * torch.randn(n, generator=g, device=device), 0.1 * torch.randn(n, generator=g, device=device)
     ref = _ffn_pass(_gelu_layernorm, x, grad, w, b, cfg.layernorm_eps)
     impls = {"eager": _gelu_layernorm,
-             "compiled": torch.compile(_gelu_layernorm, options=INDUCTOR_OPTIONS if device.type == "cuda" else None),
+             "compiled": torch.compile(_gelu_layernorm, options=inductor_options() if device.type == "cuda" else None),
              "fused": kernels.gelu_layernorm}
     # least traffic: read x, write y; read dy and x, write dx (the weights are negligible)
     tensor_bytes = rows_n * n * torch.finfo(dtype).bits // 8

@@ -88,7 +88,8 @@ if triton is not None:
             dy_next = tl.load(DY + offs, mask=first, other=0.0)
         for row in range(start, end, ROWS):
             rows = row + tile
-            live = mask[None, :] & (rows < end)[:, None]  # rows past the program's run (and masked lanes) are 0
+            in_run = rows < end
+            live = mask[None, :] & in_run[:, None]  # rows past the program's run (and masked lanes) are 0
             if PREFETCH:
                 x = x_next.to(tl.float32)
                 dy = dy_next.to(tl.float32)
@@ -98,8 +99,8 @@ if triton is not None:
             else:
                 x = tl.load(X + offs, mask=live, other=0.0).to(tl.float32)
                 dy = tl.load(DY + offs, mask=live, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + rows, mask=rows < end, other=0.0)[:, None]
-            rstd = tl.load(RSTD + rows, mask=rows < end, other=0.0)[:, None]
+            mean = tl.load(MEAN + rows, mask=in_run, other=0.0)[:, None]
+            rstd = tl.load(RSTD + rows, mask=in_run, other=0.0)[:, None]
             cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
             xhat = tl.where(live, (x * cdf - mean) * rstd, 0.0)
             wdy = w[None, :] * dy  # zero where not live (dy loaded as 0 there)

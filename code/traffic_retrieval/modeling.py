@@ -432,23 +432,29 @@ MODEL_CONFIGS: dict[str, BEiT3Config] = {
 INDUCTOR_OPTIONS = {"triton.multi_kernel": 1}
 
 
+def inductor_options(options: dict | None = None) -> dict:
+    """:data:`INDUCTOR_OPTIONS` updated by ``options`` (inductor config keys): what the project compiles with."""
+    options = {**INDUCTOR_OPTIONS, **(options or {})}
+    if options.get("triton.multi_kernel"):
+        # torch 2.11 fails to load a multi-kernel from inductor's FX graph cache ("'NoneType' object does not support
+        # the context manager protocol" when it looks up the kernel picked before): every run after the first on a
+        # machine would crash. Without that lookup each process picks again, timing the variants on their first run.
+        os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
+    return options
+
+
 def compile_layers(model: BEiT3Retrieval, backend: str = "inductor", options: dict | None = None) -> BEiT3Retrieval:
     """``torch.compile`` each encoder layer in place (parameter names, hence checkpoints, stay the same).
 
     One layer's code runs in up to a dozen variants (image / text, all tokens / first token in the last layer,
     with / without grad, static / dynamic text length), more than dynamo's default of 8 compiled versions per
     function, after which it would silently fall back to eager: the limit is raised. With inductor, the layers are
-    compiled with :data:`INDUCTOR_OPTIONS` updated by ``options`` (inductor config keys).
+    compiled with :func:`inductor_options` of ``options``.
     """
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
-    options = {**INDUCTOR_OPTIONS, **(options or {})} if backend == "inductor" else options
-    if (options or {}).get("triton.multi_kernel"):
-        # torch 2.11 fails to load a multi-kernel from inductor's FX graph cache ("'NoneType' object does not support
-        # the context manager protocol" when it looks up the kernel picked before): every run after the first on a
-        # machine would crash. Without that lookup each process picks again, timing the variants on their first run.
-        os.environ.setdefault("TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE", "1")
+    options = inductor_options(options) if backend == "inductor" else options
     for layer in model.beit3.encoder.layers:
         layer.compile(backend=backend, options=options)
     return model
