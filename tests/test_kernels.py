@@ -103,4 +103,23 @@ def test_one_autotuner_per_range_of_rows(monkeypatch):
     assert image is not text and kernels._tuned("bwd", 70 * 577) is image
     assert image.configs == kernels.BWD_CONFIGS and kernels._tuned("fwd", 80 * 577).configs == kernels.FWD_CONFIGS
     assert sorted(kernels._TUNED) == [("bwd", 13), ("bwd", 16), ("fwd", 16)]
-    assert kernels.chosen_launch() == {}  # none has run (timed its candidates) yet
+    assert kernels.chosen_launch() == {} and kernels.tuning_ms() == {}  # none has run (timed its candidates) yet
+
+
+def test_the_autotuners_picks_and_timings_are_reported(monkeypatch):
+    """What benchmark rows carry as ``launch`` and ``tuning_ms``, from the attributes Triton's autotuner sets when it
+    has timed its candidates (``best_config``; ``configs_timings``: do_bench's median, 20th and 80th percentile in ms,
+    inf for a candidate that failed to compile). The timing itself needs a GPU."""
+    monkeypatch.setattr(kernels, "_TUNED", {})
+    tuner = kernels._tuned("bwd", 80 * 577)
+    kernels._tuned("fwd", 80 * 64)  # not run yet: not reported
+    slow, fast, broken = kernels.BWD_CONFIGS[0], kernels.BWD_CONFIGS[-1], kernels.BWD_CONFIGS[1]
+    monkeypatch.setattr(tuner, "best_config", fast, raising=False)
+    monkeypatch.setattr(tuner, "configs_timings", {slow: [0.9, 0.8, 1.0], broken: [float("inf")] * 3,
+                                                   fast: [0.4, 0.39, 0.41]}, raising=False)
+    assert kernels.chosen_launch() == {"bwd, rows < 65536": "ROWS=2 PREFETCH=True warps=16"}
+    table = kernels.tuning_ms()
+    assert list(table) == ["bwd, rows < 65536"]
+    assert list(table["bwd, rows < 65536"].items()) == [
+        ("ROWS=2 PREFETCH=True warps=16", 0.4), ("ROWS=1 PREFETCH=False warps=8", 0.9),
+        ("ROWS=1 PREFETCH=True warps=8", None)]

@@ -12,7 +12,8 @@ Settings (each prints one JSON line):
 - ``ffn``: the FFN's GELU + Sub-LN alone on the image shape (batch x tokens rows of the FFN width), as eager ops, as
   inductor compiles them for ``--compile``, and as the project's Triton kernel (``--fused_ffn``, GPU only): time of
   forward+backward, of the forward (no grad) and of the backward alone, each with its bandwidth over the least memory
-  traffic it needs, the launch shape the autotuner chose, and the largest error against fp32.
+  traffic it needs, the launch shape the autotuner chose (``launch``) with every candidate's time (``tuning_ms``),
+  and the largest error against fp32.
 The official model is timed on the same shapes, inputs and precision; ``ratio`` = ours / official. MFU counts model
 FLOPs (3x forward for a training step; recomputation by checkpointing is not counted) over a matmul peak measured in
 the same run. The FLOPs are the full model's for both implementations; the project's last layer computes the first
@@ -240,7 +241,9 @@ def run_setting(setting: str, impl: str, args, device: torch.device) -> dict:
             row.update(texts_per_s=batch / t, tflops=useful / t / 1e12)
         row.update(seconds_per_iter=t, iters=args.iters)
         if row["fused_ffn"] and not kernels.INTERPRETED:
-            row["launch"] = kernels.chosen_launch()  # per range of rows: a pick that varies explains a varying speed
+            # per range of rows: a pick that varies explains a varying speed, and the candidates' times say how far
+            # apart they were (what a pinned launch shape would be chosen from)
+            row.update(launch=kernels.chosen_launch(), tuning_ms=kernels.tuning_ms())
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     except RuntimeError as e:
@@ -371,7 +374,7 @@ def run_ffn_check(args, device: torch.device) -> list[dict]:
                    gb_per_s_fwd=2 * tensor_bytes / t_fwd / 1e9, seconds_bwd=t_bwd,
                    gb_per_s_bwd=3 * tensor_bytes / t_bwd / 1e9, rel_err_out=errors[0], rel_err_grad=max(errors[1:]))
         if name == "fused" and not kernels.INTERPRETED:
-            row["launch"] = kernels.chosen_launch()
+            row.update(launch=kernels.chosen_launch(), tuning_ms=kernels.tuning_ms())
         rows.append(row)
     return rows
 

@@ -16,6 +16,7 @@ bf16/fp16, so the output ``fc2`` receives is the same. Registered as ``torch.lib
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -233,12 +234,35 @@ def _backward(ctx, dy: Tensor, _dmean: Tensor, _drstd: Tensor):  # noqa: ANN001,
 gelu_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _describe(config) -> str:  # noqa: ANN001 (a triton.Config)
+    """A launch shape in a few words, e.g. ``"ROWS=2 PREFETCH=True warps=16"``."""
+    return " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"warps={config.num_warps}"])
+
+
+def _range(kind: str, bits: int) -> str:
+    return f"{kind}, rows < {2 ** bits}"
+
+
 def chosen_launch() -> dict[str, str]:
     """The launch shape picked per kernel and range of rows, for those that have run on a GPU, e.g.
-    ``{"bwd, rows < 65536": "ROWS: 2, PREFETCH: True, num_warps: 16, ..."}``."""
+    ``{"bwd, rows < 65536": "ROWS=2 PREFETCH=True warps=16"}``."""
     # (Triton 3.6 sets best_config on an autotuner's first run; 3.8 sets None before it)
-    return {f"{kind}, rows < {2 ** bits}": str(tuner.best_config) for (kind, bits), tuner in sorted(_TUNED.items())
+    return {_range(kind, bits): _describe(tuner.best_config) for (kind, bits), tuner in sorted(_TUNED.items())
             if getattr(tuner, "best_config", None) is not None}
+
+
+def tuning_ms() -> dict[str, dict[str, float]]:
+    """Every candidate's time (median ms, as Triton's autotuner measured it when it picked) per kernel and range of
+    rows, fastest first: what a pinned launch shape would be chosen from, and how close the runners-up were."""
+    table = {}
+    for (kind, bits), tuner in sorted(_TUNED.items()):
+        timings = getattr(tuner, "configs_timings", None) or {}  # set by the autotuner once it has timed them
+        # each timing is Triton's do_bench quantiles (median, 20th, 80th percentile); a failed compile is inf
+        ms = {_describe(c): float(t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
+        if ms:  # fastest first; a candidate that failed to compile (inf) last, as None (JSON has no inf)
+            table[_range(kind, bits)] = {k: v if math.isfinite(v) else None
+                                         for k, v in sorted(ms.items(), key=lambda item: item[1])}
+    return table
 
 
 def gelu_layernorm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
