@@ -51,11 +51,12 @@ if triton is not None:
         # paying a register move per coefficient) and GELU' needs an exponential more. By count the kernels were
         # as much instruction- as memory-bound (the forward's 46 instructions per element: 0.29 ms of issue for the
         # image rows at an H100's full rate, its traffic 0.25 ms; an estimate, not a measurement); now the forward
-        # has 31 and the backward's loop 40 instead of 62. Here erfc(a) = exp(-a^2) * sum_i c_i t^i, t = 1 / (1 + 0.55 a), a = |x| / sqrt 2:
-        # the form of Abramowitz & Stegun 7.1.26, with six coefficients fitted minimax (absolute error 1.7e-8; A&S's
-        # five: 1.5e-7). After fp32 rounding Phi is within 2.5e-7 of the truth, a few ulp; for x < 0 it is computed
-        # directly, without the cancellation of 1 + erf (which is 0 in fp32 before x = -9). t from rsqrt and one
-        # Newton step, as rsqrt and exp2 are single (approximate) instructions on the GPU and a division is not.
+        # has 31 and the backward's loop 40 instead of 62. Here erfc(a) = exp(-a^2) * sum_i c_i t^i with
+        # t = 1 / (1 + 0.55 a), a = |x| / sqrt 2: the form of Abramowitz & Stegun 7.1.26, with six coefficients
+        # fitted minimax (absolute error 1.7e-8; A&S's five: 1.5e-7). After fp32 rounding Phi is within 2.5e-7 of
+        # the truth, a few ulp; for x < 0 it is computed directly, without the cancellation of 1 + erf (which is 0
+        # in fp32 before x = -9). t from rsqrt and one Newton step, as rsqrt and exp2 are single (approximate)
+        # instructions on the GPU and a division is not.
         s = tl.abs(x)
         v = 1.0 + 0.38890872965260115 * s  # 0.55 / sqrt 2
         r = tl.math.rsqrt(v)
