@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the feature cache")
     add_detection_arguments(p)  # --detect: one feature per detected object, with its frame and box
     runtime.add_sdpa_argument(p)
+    runtime.add_fused_ffn_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     p.add_argument("--out", required=True, help="output .npz file")
     args = p.parse_args(argv)
@@ -87,6 +88,7 @@ def read_text_lines(path: Path) -> tuple[list[str], list[LineProblem]]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runtime.setup(args.threads, args.sdpa)
+    runtime.use_fused_ffn(args.fused_ffn, args.device)
     device = runtime.resolve_device(args.device)
     precision = args.precision or default_precision(device)
 

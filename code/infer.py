@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images")
     p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer (fastest on a GPU)")
     runtime.add_sdpa_argument(p)
+    runtime.add_fused_ffn_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     p.add_argument("--eval", action="store_true", help="score infer_json_all.json against --gt afterwards")
     p.add_argument("--gt", default=None, help="ground truth, text$img1$img2... per line "
@@ -118,6 +119,7 @@ def format_metrics(metrics: dict, counts: dict[str, int]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     runtime.setup(args.threads, args.sdpa)
+    runtime.use_fused_ffn(args.fused_ffn, args.device)
     if args.dist_eval:
         info = init_distributed()
         if not info.distributed:

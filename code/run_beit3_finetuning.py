@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: fp16 with DeepSpeed on cuda, bf16 on cuda, fp32 on cpu")
     g.add_argument("--device", default=r.device, help="cpu, cuda or auto")
     runtime.add_sdpa_argument(g)
+    runtime.add_fused_ffn_argument(g)
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     g.add_argument("--auto_resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     g.add_argument("--eval", action="store_true", help="only print the val metrics of --finetune (or the best)")
@@ -129,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                           a.max_steps_per_epoch),
         runtime=RuntimeConfig(a.output_dir, a.log_dir, a.seed, a.save_ckpt_freq, a.enable_deepspeed, a.zero_stage,
                               a.initial_scale_power, a.precision, a.device, a.threads, a.sdpa, a.auto_resume,
-                              a.eval),
+                              a.eval, a.fused_ffn),
     )
     try:
         check_config(cfg)
@@ -141,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     runtime.setup(cfg.runtime.threads, cfg.runtime.sdpa)
+    runtime.use_fused_ffn(cfg.runtime.fused_ffn, cfg.runtime.device)
     try:
         if cfg.runtime.eval:
             metrics = run_eval(cfg)

@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images")
     add_detection_arguments(p)  # --detect: each frame is listed once, by its best-matching object
     runtime.add_sdpa_argument(p)
+    runtime.add_fused_ffn_argument(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default suits the machine)")
     args = p.parse_args(argv)
     if args.k < 1 or args.batch_size < 1:
@@ -112,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[QueryResult]:
     args = parse_args(argv)
     runtime.setup(args.threads, args.sdpa)
+    runtime.use_fused_ffn(args.fused_ffn, args.device)
     html_path = Path(args.html) if args.html else Path(args.output_dir or ".") / "search.html"
     try:
         queries = [args.query] if args.query is not None else read_queries(args.queries)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from traffic_retrieval import kernels
+from traffic_retrieval import kernels, modeling
 from traffic_retrieval.modeling import create_model, set_fused_ffn
 
 CASES = Path(__file__).parent / "triton_interpreter_cases.py"
@@ -123,3 +123,31 @@ def test_the_autotuners_picks_and_timings_are_reported(monkeypatch):
     assert list(table["bwd, rows < 65536"].items()) == [
         ("ROWS=2 PREFETCH=True warps=16", 0.4), ("ROWS=1 PREFETCH=False warps=8", 0.9),
         ("ROWS=1 PREFETCH=True warps=8", None)]
+
+
+@pytest.mark.parametrize("script, args", [
+    ("run_beit3_finetuning", ["--category", "car", "--output_dir", "{tmp}/out"]),
+    ("infer", ["--output_dir", "{tmp}/out"]),
+    ("search", ["--images", "{tmp}", "--query", "A red car.", "--finetune", "{tmp}/none.pth"]),
+    ("extract_features", ["--model", "beit3_nano_patch16_32", "--finetune", "{tmp}/none.pth", "--texts",
+                          "{tmp}/q.txt", "--out", "{tmp}/f.npz"]),
+])
+def test_model_scripts_take_fused_ffn_and_refuse_it_on_a_cpu(script, args, load_script, tmp_path):
+    """Every script that runs the model has ``--fused_ffn`` (off by default); on a CPU device it stops with a clear
+    message before reading or writing anything, rather than running without the kernel it was asked for."""
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--device", "cpu", "--fused_ffn"]
+    with pytest.raises(SystemExit, match="--fused_ffn runs a GPU kernel, and the device is cpu"):
+        load_script(script)["main"](argv)
+    assert not any(tmp_path.iterdir())
+    assert not kernels.INTERPRETED and not modeling._fused_ffn
+
+
+def test_training_config_records_fused_ffn(load_script):
+    """A run's args.json says whether the kernel ran; resuming with another choice is allowed (it changes how the
+    step runs, not what it learns)."""
+    from traffic_retrieval import train
+
+    parse = load_script("run_beit3_finetuning")["parse_args"]
+    assert parse(["--category", "car", "--fused_ffn"]).runtime.fused_ffn is True
+    assert parse(["--category", "car"]).runtime.fused_ffn is False
+    assert ("runtime", "fused_ffn") in train.RESUME_FREE

@@ -7,12 +7,15 @@ Not collected by the main run (the name is not test_*.py): ``test_kernels.py`` r
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from beit3_oracle import OfficialRetrieval, encoder_config, randomize_
+from test_data import indexed  # noqa: F401  (fixture: the tiny dataset with its jsonl indexes)
 from torch._inductor.utils import fresh_inductor_cache
 
 from traffic_retrieval import kernels
@@ -213,3 +216,38 @@ def test_under_bf16_autocast_the_fused_ffn_is_as_accurate_as_the_unfused_ops():
                 set_fused_ffn(False)
             errors[fused] = max((g.float() - w).abs().max().item() for g, w in zip(got, want))
     assert errors[True] <= 1.25 * errors[False] and errors[True] < 0.05, errors
+
+
+def test_training_script_with_fused_ffn_follows_the_unfused_run(indexed, tiny_spm, load_script, tmp_path,
+                                                                 monkeypatch):
+    """``run_beit3_finetuning.py --fused_ffn`` (here on CPU tensors, which the interpreter lets the kernel take):
+    two epochs of the nano model give the losses and final weights of the same run without it, within fp32
+    rounding, and its args.json records the choice."""
+    script = load_script("run_beit3_finetuning")
+    calls = []
+    fused_op = kernels.gelu_layernorm
+    monkeypatch.setattr(kernels, "gelu_layernorm", lambda *a: calls.append(1) or fused_op(*a))
+    runs = {}
+    try:
+        for name, extra in (("plain", []), ("fused", ["--fused_ffn"])):
+            out = tmp_path / name
+            script["main"](["--category", "car", "--data_path", str(indexed), "--sentencepiece_model", str(tiny_spm),
+                            "--output_dir", str(out), "--batch_size", "4", "--epochs", "2", "--model",
+                            "beit3_nano_patch16_32", "--num_workers", "0", "--lr", "1e-3", "--warmup_epochs", "1",
+                            "--device", "cpu", *extra])
+            assert bool(calls) == (name == "fused")  # the kernel ran in the fused run only
+            log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+            runs[name] = (log, torch.load(out / "checkpoint-1.pth", weights_only=True)["model"],
+                          json.loads((out / "args.json").read_text())["runtime"]["fused_ffn"])
+    finally:
+        set_fused_ffn(False)
+    (log_a, model_a, flag_a), (log_b, model_b, flag_b) = runs["plain"], runs["fused"]
+    assert (flag_a, flag_b) == (False, True)
+    assert [r["epoch"] for r in log_b] == [0, 1]
+    for a, b in zip(log_a, log_b):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5, (a, b)
+    assert model_a.keys() == model_b.keys()
+    # A key bias adds the same amount to all of a query's scores, which the softmax cancels: its gradient is pure
+    # rounding noise, which Adam scales up to lr-sized steps, different in any two runs that round differently.
+    for k in (k for k in model_a if not re.search(r"k_proj\.[AB]\.bias$", k)):
+        assert torch.allclose(model_a[k], model_b[k], atol=1e-5, rtol=1e-4), k

@@ -8,7 +8,8 @@ import os
 
 import torch
 
-from .modeling import SDPA_ORDERS, set_sdpa
+from . import kernels
+from .modeling import SDPA_ORDERS, set_fused_ffn, set_sdpa
 
 
 def default_threads() -> int:
@@ -37,6 +38,27 @@ def add_sdpa_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--sdpa", choices=list(SDPA_ORDERS), default="default",
                         help="attention kernels on a GPU: PyTorch's own order (on an H100 with torch 2.11 it "
                              "already picks cuDNN's) or cuDNN's fused attention first (default: %(default)s)")
+
+
+def add_fused_ffn_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--fused_ffn``: the FFN's GELU + sub-LN as one Triton kernel on a GPU (one definition for every script)."""
+    parser.add_argument("--fused_ffn", action="store_true",
+                        help="run the FFN's GELU + sub-LayerNorm as one Triton kernel (GPU only; the same numbers "
+                             "within fp32 rounding; off by default until it is faster in every measured run, "
+                             "README 'Performance')")
+
+
+def use_fused_ffn(enabled: bool, device: str | torch.device | None) -> None:
+    """Turn the fused FFN kernel on or off for this process; on, it needs a CUDA ``device`` (``auto`` resolved) and
+    Triton. (Under Triton's interpreter, for tests, CPU tensors take the kernel too.)"""
+    if enabled:
+        dev = resolve_device(str(device) if device is not None else None)
+        if dev.type != "cuda" and not kernels.INTERPRETED:
+            raise SystemExit(f"--fused_ffn runs a GPU kernel, and the device is {dev}: leave it off on a CPU "
+                             "(the model then runs the unfused GELU and LayerNorm)")
+        if not kernels.available():
+            raise SystemExit("--fused_ffn needs Triton, which torch's CUDA builds install; this torch has none")
+    set_fused_ffn(enabled)
 
 
 def resolve_device(device: str | None) -> torch.device:

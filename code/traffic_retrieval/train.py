@@ -141,6 +141,7 @@ class RuntimeConfig:
     sdpa: str = "default"  # attention kernel preference on a GPU (modeling.SDPA_ORDERS)
     auto_resume: bool = False  # continue from the latest checkpoint in output_dir
     eval: bool = False  # only evaluate --finetune (or the run's best) on the val split
+    fused_ffn: bool = False  # the FFN's GELU + sub-LN as one Triton kernel (GPU; traffic_retrieval.kernels)
 
 
 @dataclass
@@ -458,8 +459,8 @@ def check_output_dir(cfg: TrainConfig) -> int | None:
 
 # settings that may differ on resume without a warning: where and how the run executes, not what it learns, and
 # start values the checkpoint replaces (the start weights, DeepSpeed's fp16 loss scale)
-RESUME_FREE = {("runtime", k) for k in ("output_dir", "log_dir", "device", "threads", "sdpa", "auto_resume",
-                                        "eval", "initial_scale_power")} | {
+RESUME_FREE = {("runtime", k) for k in ("output_dir", "log_dir", "device", "threads", "sdpa", "fused_ffn",
+                                        "auto_resume", "eval", "initial_scale_power")} | {
     ("data", "num_workers"), ("model", "compile"), ("optim", "eval_batch_size"), ("model", "finetune"),
     ("model", "model_key")}
 # settings the checkpoint's weights are made for: another value cannot continue the run
