@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,11 @@ def test_normal_cdf_is_as_accurate_as_fp32_allows():
     x = torch.cat([torch.linspace(-12, 12, 240_001), torch.linspace(-1e-3, 1e-3, 2_001)])
     cdf, e = torch.empty_like(x), torch.empty_like(x)
     cdf_kernel[(triton.cdiv(x.numel(), 4096),)](x, cdf, e, x.numel(), BLOCK=4096)
+    huge = torch.tensor([-3e38, -1e4, -40.0, 40.0, 1e4, 3e38])  # saturated, without overflow to inf or nan
+    cdf_huge, e_huge = torch.empty_like(huge), torch.empty_like(huge)
+    with np.errstate(over="ignore"):  # the exponent's u^2 overflows to inf, as on the GPU: exp2(-inf) = 0
+        cdf_kernel[(1,)](huge, cdf_huge, e_huge, huge.numel(), BLOCK=8)
+    assert torch.equal(cdf_huge, (huge > 0).float()) and torch.equal(e_huge, torch.zeros_like(huge))
     x64 = x.double()
     phi = 0.5 * torch.special.erfc(-x64 / 2**0.5)
     pdf = torch.exp(-0.5 * x64**2)
