@@ -34,8 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=["train", "encode_image", "encode_text"], choices=SETTINGS)
     p.add_argument("--reference", default="torchscale", choices=["torchscale", "none"])
     p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer of our model")
-    p.add_argument("--fused_ffn", action="store_true",
-                   help="our model's FFN GELU + LayerNorm as one Triton kernel on the GPU (traffic_retrieval.kernels)")
+    runtime.add_fused_ffn_argument(p)  # our model's; the official model runs its own code
     p.add_argument("--drop_path", type=float, default=0.0,
                    help="stochastic depth of the last layer in the training settings, for both models (the recipe "
                         "uses 0.2; default: %(default)s)")
