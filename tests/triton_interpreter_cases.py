@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from beit3_oracle import OfficialRetrieval, encoder_config, randomize_
 from test_data import indexed  # noqa: F401  (fixture: the tiny dataset with its jsonl indexes)
+from test_train import _args, _log
 from torch._inductor.utils import fresh_inductor_cache
 
 from traffic_retrieval import kernels
@@ -237,13 +238,9 @@ def test_training_script_with_fused_ffn_follows_the_unfused_run(indexed, tiny_sp
     try:
         for name, extra in (("plain", []), ("fused", ["--fused_ffn"])):
             out = tmp_path / name
-            script["main"](["--category", "car", "--data_path", str(indexed), "--sentencepiece_model", str(tiny_spm),
-                            "--output_dir", str(out), "--batch_size", "4", "--epochs", "2", "--model",
-                            "beit3_nano_patch16_32", "--num_workers", "0", "--lr", "1e-3", "--warmup_epochs", "1",
-                            "--device", "cpu", *extra])
+            script["main"](_args(indexed, tiny_spm, out, "--device", "cpu", *extra))  # nano model, 2 epochs
             assert bool(calls) == (name == "fused")  # the kernel ran in the fused run only
-            log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-            runs[name] = (log, torch.load(out / "checkpoint-1.pth", weights_only=True)["model"],
+            runs[name] = (_log(out), torch.load(out / "checkpoint-1.pth", weights_only=True)["model"],
                           json.loads((out / "args.json").read_text())["runtime"]["fused_ffn"])
     finally:
         set_fused_ffn(False)

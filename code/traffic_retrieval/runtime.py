@@ -56,9 +56,10 @@ def use_fused_ffn(enabled: bool, device: str | torch.device | None) -> None:
         if dev.type != "cuda" and not kernels.INTERPRETED:
             raise SystemExit(f"--fused_ffn runs a GPU kernel, and the device is {dev}: leave it off on a CPU "
                              "(the model then runs the unfused GELU and LayerNorm)")
-        if not kernels.available():
-            raise SystemExit("--fused_ffn needs Triton, which torch's CUDA builds install; this torch has none")
-    set_fused_ffn(enabled)
+    try:
+        set_fused_ffn(enabled)
+    except ValueError as e:  # no Triton in this torch build
+        raise SystemExit(f"--fused_ffn: {e}") from None
 
 
 def resolve_device(device: str | None) -> torch.device:
