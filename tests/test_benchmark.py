@@ -7,6 +7,9 @@ import json
 
 import pytest
 
+from traffic_retrieval import bench
+from traffic_retrieval.modeling import compile_layers
+
 
 def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> None:
     load_script("benchmark")["main"](
@@ -36,9 +39,9 @@ def test_benchmark_prints_every_setting_side_by_side(load_script, capsys) -> Non
             assert r["tokens"] == tokens and r["kernel"] in {"FLASH_ATTENTION", "MATH"}  # what a CPU has
             assert r["rel_err_out"] < 1e-5 and r["rel_err_grad"] < 1e-5 and r["seconds_fwd_bwd"] > 0
 
-    # the FFN's GELU + Sub-LN: eager and compiled on the CPU; the Triton kernel says it needs a GPU
+    # the FFN's GELU + Sub-LN: eager and compiled (erf and fitted CDF) on the CPU; the Triton kernel needs a GPU
     ffn = {r["impl"]: r for r in rows if r["setting"] == "ffn"}
-    for impl in ("eager", "compiled"):
+    for impl in ("eager", "compiled", "compiled_fitted"):
         assert ffn[impl]["rows"] == 4 * 5 and ffn[impl]["features"] == 256
         assert min(ffn[impl][k] for k in ("gb_per_s", "gb_per_s_fwd", "gb_per_s_bwd", "seconds_bwd")) > 0
         assert ffn[impl]["rel_err_out"] < 1e-5 and ffn[impl]["rel_err_grad"] < 1e-5
@@ -66,12 +69,34 @@ def test_fused_ffn_needs_a_gpu(load_script, capsys) -> None:
     assert "--fused_ffn is a GPU kernel: give --device cuda" in capsys.readouterr().err
 
 
+def test_fitted_gelu_is_an_option_of_compiled_runs(load_script, capsys, monkeypatch) -> None:
+    """``--fitted_gelu`` changes what inductor compiles: refused without ``--compile``; with it, the project's model
+    is compiled with it and its training row says so (the official model's does not). (Dynamo's eager backend here:
+    test_gelu compiles it with inductor.)"""
+    with pytest.raises(SystemExit):
+        load_script("benchmark")["parse_args"](["--device", "cpu", "--fitted_gelu"])
+    assert "--fitted_gelu changes what inductor compiles: give --compile too" in capsys.readouterr().err
+    compiled = []
+
+    def compile_eager(model, fitted_gelu=False):  # noqa: ANN001, ANN202
+        compiled.append(fitted_gelu)
+        return compile_layers(model, backend="eager", fitted_gelu=fitted_gelu)
+
+    monkeypatch.setattr(bench, "compile_layers", compile_eager)
+    load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "2", "--device", "cpu",
+                                      "--iters", "1", "--warmup", "1", "--settings", "train", "--compile",
+                                      "--fitted_gelu"])
+    rows = {r["impl"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["ours"]["fitted_gelu"] and rows["ours"]["compile"] and rows["ours"]["pairs_per_s"] > 0
+    assert not rows["official"]["fitted_gelu"] and compiled == [True]
+
+
 def test_ffn_setting_in_bf16(load_script, capsys) -> None:
     """The ``ffn`` setting with bf16 activations and the fp32 LayerNorm weights the model keeps: its errors against the
     fp32 reference are bf16 rounding. (CUDA's layer_norm also rejects mixed dtypes, which the CPU's accepts.)"""
     load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "4", "--device", "cpu",
                                       "--precision", "bf16", "--iters", "1", "--warmup", "1", "--settings", "ffn"])
     ffn = {r["impl"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    for impl in ("eager", "compiled"):
+    for impl in ("eager", "compiled", "compiled_fitted"):
         assert ffn[impl]["precision"] == "bf16" and ffn[impl]["gb_per_s"] > 0
         assert 0 < ffn[impl]["rel_err_out"] < 2e-2 and 0 < ffn[impl]["rel_err_grad"] < 2e-2

@@ -7,7 +7,8 @@ waits for the CPU), and with ``--profile`` sums the kernels of two steps by kind
 ``--variant`` compares ways of compiling: ``layers`` (the project's ``--compile``), ``reduce_overhead`` (the same with
 CUDA graphs), ``whole`` (one graph for the whole forward), ``eager``; ``--inductor KEY=VALUE`` sets inductor options
 on top (e.g. ``triton.multi_kernel=0`` for the layers without the project's multi-kernel option); ``--fused_ffn``
-runs the FFN's GELU + LayerNorm as the project's Triton kernel. One JSON line per run; results:
+runs the FFN's GELU + LayerNorm as the project's Triton kernel; ``--fitted_gelu`` compiles the layers' GELU with the
+fitted normal CDF of ``traffic_retrieval.gelu``. One JSON line per run; results:
 ``tools/bench_results/``.
 
     PYTHONPATH=code python tools/gpu_profile.py --profile
@@ -52,6 +53,8 @@ def main() -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--profile", action="store_true", help="kernel time by kind, and the 30 longest kernels")
     p.add_argument("--fused_ffn", action="store_true", help="the FFN's GELU + LayerNorm as one Triton kernel")
+    p.add_argument("--fitted_gelu", action="store_true",
+                   help="compiled layers: GELU's normal CDF from the fitted approximation (traffic_retrieval.gelu)")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="inductor config settings")
     a = p.parse_args()
     if a.fused_ffn and not a.device.startswith("cuda"):
@@ -62,10 +65,12 @@ def main() -> None:
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model = build("ours", a.model, dev, False, False, None)
+    if a.fitted_gelu and a.variant not in ("layers", "reduce_overhead"):
+        p.error("--fitted_gelu is an option of compile_layers: use --variant layers or reduce_overhead")
     if a.variant == "layers":
-        compile_layers(model, options=options)
-    elif a.variant == "reduce_overhead":
-        compile_layers(model, options={"triton.cudagraphs": True, **options})  # what mode="reduce-overhead" sets
+        compile_layers(model, options=options, fitted_gelu=a.fitted_gelu)
+    elif a.variant == "reduce_overhead":  # what mode="reduce-overhead" sets
+        compile_layers(model, options={"triton.cudagraphs": True, **options}, fitted_gelu=a.fitted_gelu)
     else:
         inductor_config.patch(options).__enter__()  # for the whole process
     inp = make_inputs(get_config(a.model), a.batch, dev)
@@ -88,7 +93,8 @@ def main() -> None:
     step()
     step()
     sync()
-    row = {"variant": a.variant, "inductor": a.inductor, "fused_ffn": a.fused_ffn, "warmup_s": time.perf_counter() - t0}
+    row = {"variant": a.variant, "inductor": a.inductor, "fused_ffn": a.fused_ffn, "fitted_gelu": a.fitted_gelu,
+           "warmup_s": time.perf_counter() - t0}
     t = _time(step, dev, 2, 8)
     row.update(pairs_per_s=a.batch / t, step_ms=t * 1e3,
                peak_gb=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)

@@ -10,7 +10,8 @@ Settings (each prints one JSON line):
   kernel that runs, forward+backward time, and the largest error of the output and the input gradients against an
   fp32 reference (the math kernel): whether a preference is faster, and still right, on this GPU.
 - ``ffn``: the FFN's GELU + Sub-LN alone on the image shape (batch x tokens rows of the FFN width), as eager ops, as
-  inductor compiles them for ``--compile``, and as the project's Triton kernel (``--fused_ffn``, GPU only): time of
+  inductor compiles them for ``--compile`` (with erf, and with ``--fitted_gelu``'s fitted normal CDF:
+  ``compiled_fitted``), and as the project's Triton kernel (``--fused_ffn``, GPU only): time of
   forward+backward, of the forward (no grad) and of the backward alone, each with its bandwidth over the least memory
   traffic it needs, the launch shape the autotuner chose (``launch``) with every candidate's time (``tuning_ms``),
   and the largest error against fp32.
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import kernels
+from . import gelu, kernels
 from .encoding import encode_token_batches
 from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers, get_config,
                        inductor_options, sdpa_preference, set_sdpa)
@@ -160,11 +161,11 @@ def _contrastive(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
 
 
 def build(impl: str, name: str, device: torch.device, checkpointing: bool, compile: bool,
-          img_size: int | None, drop_path: float = 0.0) -> nn.Module:
+          img_size: int | None, drop_path: float = 0.0, fitted_gelu: bool = False) -> nn.Module:
     cfg = get_config(name, img_size=img_size, checkpoint_activations=checkpointing, drop_path_rate=drop_path)
     with device:  # initialise on the device: a large model's CPU init alone takes many seconds
         model = BEiT3Retrieval(cfg) if impl == "ours" else OfficialModel(cfg)
-    return compile_layers(model) if compile and impl == "ours" else model
+    return compile_layers(model, fitted_gelu=fitted_gelu) if compile and impl == "ours" else model
 
 
 def bench_train(model: nn.Module, inp: Inputs, device: torch.device, precision: str, warmup: int, iters: int) -> float:
@@ -221,11 +222,13 @@ def run_setting(setting: str, impl: str, args, device: torch.device) -> dict:
     row = {"setting": setting, "impl": impl, "model": args.model, "img_size": cfg.img_size, "batch": batch,
            "precision": args.precision, "checkpointing": ckpt, "drop_path": args.drop_path,
            "sdpa": args.sdpa if impl == "ours" else "default",
-           "compile": bool(args.compile and impl == "ours"), "fused_ffn": bool(args.fused_ffn and impl == "ours")}
+           "compile": bool(args.compile and impl == "ours"), "fused_ffn": bool(args.fused_ffn and impl == "ours"),
+           "fitted_gelu": bool(args.fitted_gelu and args.compile and impl == "ours")}
     # (trimmed text batches vary in length: dynamo recompiles once with a dynamic length, within the warm-up)
     _free(device)
     try:
-        model = build(impl, args.model, device, ckpt, row["compile"], args.input_size, args.drop_path)
+        model = build(impl, args.model, device, ckpt, row["compile"], args.input_size, args.drop_path,
+                      row["fitted_gelu"])
         inp = make_inputs(cfg, batch, device)
         if setting in ("train", "train_ckpt"):
             t = bench_train(model, inp, device, args.precision, args.warmup, args.iters)
@@ -262,7 +265,8 @@ def run_infer_stage(args, device: torch.device) -> dict:
     cfg = get_config(args.model, img_size=args.input_size)
     n = args.infer_gallery
     _free(device)
-    models = [build("ours", args.model, device, False, args.compile, args.input_size).eval() for _ in range(2)]
+    models = [build("ours", args.model, device, False, args.compile, args.input_size, fitted_gelu=args.fitted_gelu)
+              .eval() for _ in range(2)]
     inp = make_inputs(cfg, args.encode_batch, device)
     tokens, mask = make_texts(cfg, n, device, seed=1)
 
@@ -289,7 +293,7 @@ def run_infer_stage(args, device: torch.device) -> dict:
     seconds = time.perf_counter() - t0
     row = {"setting": "infer_stage", "impl": "ours", "model": args.model, "img_size": cfg.img_size, "models": 2,
            "gallery": n, "queries": n, "precision": args.precision, "sdpa": args.sdpa, "compile": bool(args.compile),
-           "fused_ffn": args.fused_ffn,
+           "fitted_gelu": bool(args.fitted_gelu and args.compile), "fused_ffn": args.fused_ffn,
            "seconds": seconds, "warmup_seconds": warmup, "peak_mem_gb": _peak_gb(device)}
     models = None  # noqa: F841
     _free(device)
@@ -342,6 +346,11 @@ def _gelu_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: floa
     return F.layer_norm(F.gelu(x), (x.shape[-1],), w.to(x.dtype), b.to(x.dtype), eps)
 
 
+def _fitted_gelu_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """As the FFN of ``compile_layers(..., fitted_gelu=True)`` computes it (compiled only)."""
+    return F.layer_norm(gelu.fitted_gelu(x), (x.shape[-1],), w.to(x.dtype), b.to(x.dtype), eps)
+
+
 def run_ffn_check(args, device: torch.device) -> list[dict]:
     """The ``ffn`` setting (module docstring): one row per implementation of the FFN's GELU + Sub-LN."""
     cfg = get_config(args.model, img_size=args.input_size)
@@ -351,8 +360,11 @@ def run_ffn_check(args, device: torch.device) -> list[dict]:
     x, grad = (torch.randn(rows_n, n, generator=g, device=device) for _ in range(2))
     w, b = 1 + 0.1 * torch.randn(n, generator=g, device=device), 0.1 * torch.randn(n, generator=g, device=device)
     ref = _ffn_pass(_gelu_layernorm, x, grad, w, b, cfg.layernorm_eps)
+    cuda = device.type == "cuda"
     impls = {"eager": _gelu_layernorm,
-             "compiled": torch.compile(_gelu_layernorm, options=inductor_options() if device.type == "cuda" else None),
+             "compiled": torch.compile(_gelu_layernorm, options=inductor_options() if cuda else None),
+             "compiled_fitted": torch.compile(_fitted_gelu_layernorm, options=inductor_options(gelu.INDUCTOR_OPTIONS)
+                                              if cuda else gelu.INDUCTOR_OPTIONS),
              "fused": kernels.gelu_layernorm}
     # least traffic: read x, write y; read dy and x, write dx (the weights are negligible)
     tensor_bytes = rows_n * n * torch.finfo(dtype).bits // 8

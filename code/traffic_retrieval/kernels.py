@@ -9,8 +9,8 @@ GELU, writes the input gradient, and accumulates the weight and bias gradients p
 the result is deterministic).
 
 The numbers are those of ``F.layer_norm(F.gelu(x), ...)`` computed in fp32 (the exact, erf GELU, its normal CDF
-from a fitted approximation as accurate as fp32 allows, see ``_normal_cdf``; biased variance), with the output in
-``x``'s dtype: under autocast the official code's LayerNorm returns fp32 that ``fc2`` then casts to
+from a fitted approximation as accurate as fp32 allows, see :mod:`traffic_retrieval.gelu`; biased variance), with the
+output in ``x``'s dtype: under autocast the official code's LayerNorm returns fp32 that ``fc2`` then casts to
 bf16/fp16, so the output ``fc2`` receives is the same. Registered as ``torch.library`` custom ops, so that
 ``torch.compile`` treats them as single kernels.
 """
@@ -22,6 +22,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from . import gelu
 
 try:
     import triton
@@ -44,30 +46,31 @@ def supports(x: Tensor) -> bool:
 
 if triton is not None:
 
+    # traffic_retrieval.gelu's constants, as compile-time constants of the kernels
+    _T_SCALE = tl.constexpr(gelu.T_SCALE)
+    _EXP2_SCALE = tl.constexpr(gelu.EXP2_SCALE)
+    _C0, _C1, _C2, _C3, _C4, _C5 = (tl.constexpr(c) for c in gelu.COEFFS)
+    _INV_SQRT_2PI = tl.constexpr(gelu.INV_SQRT_2PI)
+
     @triton.jit
     def _normal_cdf(x):
-        # Phi(x) = erfc(-x / sqrt 2) / 2 and exp(-x^2 / 2) in 17 instructions per element (sm_90), where
-        # 0.5 * (1 + erf(x / sqrt 2)) with libdevice's erf takes 31 (it picks one of two polynomials per element,
-        # paying a register move per coefficient) and GELU' needs an exponential more. By count the kernels were
-        # as much instruction- as memory-bound (the forward's 46 instructions per element: 0.29 ms of issue for the
-        # image rows at an H100's full rate, its traffic 0.25 ms; an estimate, not a measurement); now the forward
-        # has 31 and the backward's loop 40 instead of 62. Here erfc(a) = exp(-a^2) * sum_i c_i t^i with
-        # t = 1 / (1 + 0.55 a), a = |x| / sqrt 2: the form of Abramowitz & Stegun 7.1.26, with six coefficients
-        # fitted minimax (absolute error 1.7e-8; A&S's five: 1.5e-7). After fp32 rounding Phi is within 2.5e-7 of
-        # the truth, a few ulp; for x < 0 it is computed directly, without the cancellation of 1 + erf (which is 0
-        # in fp32 before x = -9). t from rsqrt and one Newton step, as rsqrt and exp2 are single (approximate)
-        # instructions on the GPU and a division is not.
+        # Phi(x) and exp(-x^2 / 2) as traffic_retrieval.gelu.normal_cdf computes them (see there): 17 instructions
+        # per element (sm_90), where 0.5 * (1 + erf(x / sqrt 2)) with libdevice's erf takes 31 (it picks one of two
+        # polynomials per element, paying a register move per coefficient) and GELU' needs an exponential more. By
+        # count the kernels were as much instruction- as memory-bound (the forward's 46 instructions per element:
+        # 0.29 ms of issue for the image rows at an H100's full rate, its traffic 0.25 ms; an estimate, not a
+        # measurement); now the forward has 31 and the backward's loop 40 instead of 62.
         s = tl.abs(x)
-        v = 1.0 + 0.38890872965260115 * s  # 0.55 / sqrt 2
+        v = 1.0 + _T_SCALE * s
         r = tl.math.rsqrt(v)
         t = r * r
         t = t * (2.0 - v * t)
-        h = 0.05366240875 * t - 0.2590197824  # c_i / 2, Horner
-        h = h * t + 0.3798581946
-        h = h * t - 0.020713807
-        h = h * t + 0.19542131325
-        h = h * t + 0.1507916813
-        u = s * 0.8493218002880191  # sqrt(log2(e) / 2): exp2(-u^2) = exp(-x^2 / 2)
+        h = _C5 * t + _C4  # Horner
+        h = h * t + _C3
+        h = h * t + _C2
+        h = h * t + _C1
+        h = h * t + _C0
+        u = s * _EXP2_SCALE
         e = tl.exp2(-(u * u))
         q = t * h * e  # Phi(-|x|)
         return tl.where(x >= 0, 1.0 - q, q), e
@@ -131,7 +134,7 @@ if triton is not None:
             # reductions (fewer registers per element).
             cdf, e = _normal_cdf(x)
             xhat = tl.where(live, (x * cdf - mean) * rstd, 0.0)
-            dgelu = cdf + x * 0.3989422804014327 * e  # GELU'(x) = Phi(x) + x phi(x), phi(x) = e / sqrt(2 pi)
+            dgelu = cdf + x * _INV_SQRT_2PI * e  # GELU'(x) = Phi(x) + x phi(x), phi(x) = e / sqrt(2 pi)
             wdy = w[None, :] * dy  # zero where not live (dy loaded as 0 there)
             c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
             c2 = tl.sum(wdy, axis=1)[:, None] / N

@@ -9,8 +9,9 @@ Differences from the official code that do not change the numbers: attention goe
 ``F.scaled_dot_product_attention`` (no explicit score matrix), q/k/v are one GEMM, the last layer of
 ``encode_image`` / ``encode_text`` computes only the first token's output (the only one retrieval reads; its keys
 and values still come from every token), the expert choice is an argument instead of a mutable ``split_position``
-attribute, activation checkpointing uses ``torch.utils.checkpoint``, and optionally (``set_fused_ffn``) the FFN's
-GELU + Sub-LN runs as one Triton kernel on the GPU.
+attribute, activation checkpointing uses ``torch.utils.checkpoint``, optionally (``set_fused_ffn``) the FFN's
+GELU + Sub-LN runs as one Triton kernel on the GPU, and optionally (``compile_layers(..., fitted_gelu=True)``) compiled
+layers take GELU's normal CDF from a fitted approximation (within fp32 rounding of erf's).
 Parameter names and shapes are exactly those of the official state dict (``logit_scale``, ``beit3.*``,
 ``language_head.weight``, ``vision_head.weight``).
 """
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from . import kernels
+from . import gelu, kernels
 
 # Expert routing for a sequence: every token to A (vision), every token to B (language), or the first k tokens
 # to A and the rest to B (joint image+text input, k = number of vision tokens).
@@ -177,6 +178,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """fc1 -> exact GELU -> Sub-LN over the hidden width -> fc2 (torchscale ``FeedForwardNetwork``)."""
 
+    # Compiled, GELU's normal CDF from the fitted approximation (traffic_retrieval.gelu); set by compile_layers.
+    fitted_gelu = False
+
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim)
@@ -188,7 +192,9 @@ class FeedForward(nn.Module):
         ln = self.ffn_layernorm
         if _fused_ffn and kernels.supports(h):
             return self.fc2(kernels.gelu_layernorm(h, ln.weight, ln.bias, ln.eps))
-        return self.fc2(ln(F.gelu(h)))
+        # (eager, the fitted CDF's dozen ops would each be a kernel: only inductor fuses them)
+        g = gelu.fitted_gelu(h) if self.fitted_gelu and torch.compiler.is_compiling() else F.gelu(h)
+        return self.fc2(ln(g))
 
 
 class DropPath(nn.Module):
@@ -443,19 +449,25 @@ def inductor_options(options: dict | None = None) -> dict:
     return options
 
 
-def compile_layers(model: BEiT3Retrieval, backend: str = "inductor", options: dict | None = None) -> BEiT3Retrieval:
+def compile_layers(model: BEiT3Retrieval, backend: str = "inductor", options: dict | None = None,
+                   fitted_gelu: bool = False) -> BEiT3Retrieval:
     """``torch.compile`` each encoder layer in place (parameter names, hence checkpoints, stay the same).
 
     One layer's code runs in up to a dozen variants (image / text, all tokens / first token in the last layer,
     with / without grad, static / dynamic text length), more than dynamo's default of 8 compiled versions per
     function, after which it would silently fall back to eager: the limit is raised. With inductor, the layers are
-    compiled with :func:`inductor_options` of ``options``.
+    compiled with :func:`inductor_options` of ``options``. ``fitted_gelu``: the FFN's GELU takes its normal CDF from
+    :mod:`traffic_retrieval.gelu` instead of erf (the same numbers within fp32 rounding, fewer GPU instructions;
+    with the inductor option that keeps its backward recomputing GELU instead of storing it).
     """
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
-    options = inductor_options(options) if backend == "inductor" else options
+    if backend == "inductor":
+        options = inductor_options({**(gelu.INDUCTOR_OPTIONS if fitted_gelu else {}), **(options or {})})
     for layer in model.beit3.encoder.layers:
+        for ffn in (layer.ffn.A, layer.ffn.B):
+            ffn.fitted_gelu = fitted_gelu
         layer.compile(backend=backend, options=options)
     return model
 
