@@ -3,6 +3,8 @@ layers that use it (``compile_layers(..., fitted_gelu=True)``)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,33 @@ def test_fitted_gelu_raises_inductors_recompute_threshold(monkeypatch):
     assert [o.get("realize_opcount_threshold") for o in seen[::depth]] == [64, 90, None]
     assert all(o["triton.multi_kernel"] == 1 for o in seen)
     assert not any(layer.ffn.B.fitted_gelu for layer in model.beit3.encoder.layers)  # the last call turned it off
+
+
+def _inductor_sass(tmp_path, *flags: str) -> tuple[dict[str, int], int, int]:
+    """tools/inductor_sass.py on the nano layer (in a subprocess: it hooks into inductor): instructions per GELU
+    kernel, the number of kernels, and the stores in their source."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    save = tmp_path / ("fitted" if flags else "erf")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "inductor_sass.py"), "--model",
+                           "beit3_nano_patch16_32", "--warps", "2", "--kernels", "(gelu|abs)", "--save", str(save),
+                           *flags], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\s*(\d+) instr\s+\d+ MUFU\s+\d+ regs\s+(\d+) B spilled\s+(\S+)$", proc.stdout, re.M)
+    assert rows and all(spilled == "0" for _, spilled, _ in rows), proc.stdout
+    stores = sum(path.read_text().count("tl.store(") for path in save.glob("*.py"))
+    return {name: int(n) for n, _, name in rows}, len(list(save.glob("*.py"))), stores
+
+
+def test_fitted_gelu_takes_fewer_gpu_instructions_in_the_same_kernels(tmp_path):
+    """Inductor's Triton kernels of a compiled layer, compiled for an H100 (sm_90) without one: with the fitted CDF
+    the GELU kernels have fewer instructions, none spills, and the graph has as many kernels and stores as with erf
+    (the realize threshold of gelu.INDUCTOR_OPTIONS keeps GELU recomputed, not stored)."""
+    erf, erf_kernels, erf_stores = _inductor_sass(tmp_path)
+    fitted, fitted_kernels, fitted_stores = _inductor_sass(tmp_path, "--fitted_gelu")
+    assert all("abs" not in name for name in erf) and all("gelu" not in name for name in fitted)
+    assert len(erf) == len(fitted) >= 4 and erf_kernels == fitted_kernels and erf_stores == fitted_stores
+    assert sum(fitted.values()) < 0.85 * sum(erf.values())
