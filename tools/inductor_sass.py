@@ -130,16 +130,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sources = generate(a.model, a.batch, a.fitted_gelu, options, Path(tmp) / "cache")
         print(f"{len(sources)} kernels generated; sm_90, {a.warps} warps")
+        failed: list[str] = []
         for name, source in sorted(sources.items()):
             if a.save:
                 a.save.mkdir(parents=True, exist_ok=True)
                 (a.save / f"{name}.py").write_text(source)
             if not re.search(a.kernels, name):
                 continue
-            blocks = {"XBLOCK": 1 if name.startswith("triton_per_") else a.xblock, "R0_BLOCK": a.rblock}
-            r = compile_for_hopper(name, source, a.warps, blocks, Path(tmp))
+            blocks = {"XBLOCK": 1 if name.startswith("triton_per_") else a.xblock, "YBLOCK": a.xblock,
+                      "R0_BLOCK": a.rblock}
+            try:
+                r = compile_for_hopper(name, source, a.warps, blocks, Path(tmp))
+            except Exception as e:  # noqa: BLE001  (report it and go on with the other kernels)
+                failed.append(name)
+                print(f"could not compile {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
             print(f"{r['instructions']:6d} instr {r['mufu']:4d} MUFU {r['registers']:4d} regs "
                   f"{r['spill_bytes']:4d} B spilled  {name}")
+    if failed:
+        raise SystemExit(f"{len(failed)} kernel(s) did not compile")
 
 
 if __name__ == "__main__":
