@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda given but no GPU is available")
     if args.fitted_gelu and not args.compile:
         p.error("--fitted_gelu changes what inductor compiles: give --compile too")
+    if args.fitted_gelu and args.fused_ffn:
+        p.error("--fitted_gelu and --fused_ffn replace the same GELU: give one of them")
     if args.fused_ffn and not cuda:
         p.error("--fused_ffn is a GPU kernel: give --device cuda (the CPU runs the unfused ops)")
     return args

@@ -76,6 +76,9 @@ def test_fitted_gelu_is_an_option_of_compiled_runs(load_script, capsys, monkeypa
     with pytest.raises(SystemExit):
         load_script("benchmark")["parse_args"](["--device", "cpu", "--fitted_gelu"])
     assert "--fitted_gelu changes what inductor compiles: give --compile too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_script("benchmark")["parse_args"](["--device", "cpu", "--compile", "--fitted_gelu", "--fused_ffn"])
+    assert "--fitted_gelu and --fused_ffn replace the same GELU" in capsys.readouterr().err
     compiled = []
 
     def compile_eager(model, fitted_gelu=False):  # noqa: ANN001, ANN202

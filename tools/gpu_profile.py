@@ -67,6 +67,8 @@ def main() -> None:
     model = build("ours", a.model, dev, False, False, None)
     if a.fitted_gelu and a.variant not in ("layers", "reduce_overhead"):
         p.error("--fitted_gelu is an option of compile_layers: use --variant layers or reduce_overhead")
+    if a.fitted_gelu and a.fused_ffn:
+        p.error("--fitted_gelu and --fused_ffn replace the same GELU: give one of them")
     if a.variant == "layers":
         compile_layers(model, options=options, fitted_gelu=a.fitted_gelu)
     elif a.variant == "reduce_overhead":  # what mode="reduce-overhead" sets
