@@ -11,8 +11,8 @@ decisions come from the CPU-side Triton scheduler with inductor's GPU threshold 
 (30, or what ``--fitted_gelu`` / ``--inductor`` set). A development tool: it hooks into inductor's internals (tested
 with torch 2.11 and Triton 3.6, the GPU machines' versions, and torch 2.14 with Triton 3.8).
 
-    PYTHONPATH=code python tools/inductor_sass.py --kernels gelu
-    PYTHONPATH=code python tools/inductor_sass.py --fitted_gelu --kernels abs --warps 16
+    PYTHONPATH=code python tools/inductor_sass.py --containing 'libdevice.erf('               # the GELU kernels
+    PYTHONPATH=code python tools/inductor_sass.py --fitted_gelu --containing 'exp2(' --warps 16
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ def main() -> None:
     p.add_argument("--fitted_gelu", action="store_true", help="compile_layers(..., fitted_gelu=True)'s layer")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="inductor config settings on top")
     p.add_argument("--kernels", default=".", help="regex on kernel names to compile (default: all)")
+    p.add_argument("--containing", default=None, metavar="TEXT",
+                   help="only kernels whose source contains TEXT, e.g. 'libdevice.erf(' or 'exp2(' (GELU's CDF)")
     p.add_argument("--warps", type=int, default=8)
     p.add_argument("--xblock", type=int, default=32,
                    help="XBLOCK of pointwise kernels and looped reductions (persistent reductions take one row: 1)")
@@ -135,7 +137,7 @@ def main() -> None:
             if a.save:
                 a.save.mkdir(parents=True, exist_ok=True)
                 (a.save / f"{name}.py").write_text(source)
-            if not re.search(a.kernels, name):
+            if not re.search(a.kernels, name) or (a.containing and a.containing not in source):
                 continue
             blocks = {"XBLOCK": 1 if name.startswith("triton_per_") else a.xblock, "YBLOCK": a.xblock,
                       "R0_BLOCK": a.rblock}
