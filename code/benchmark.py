@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from traffic_retrieval import runtime
-from traffic_retrieval.bench import run
+from traffic_retrieval.bench import GELU_CDF, run
 from traffic_retrieval.modeling import canonical_model_name, list_models, set_fused_ffn
 from traffic_retrieval.precision import PRECISIONS, default_precision
 
@@ -35,9 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default="torchscale", choices=["torchscale", "none"])
     p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer of our model")
     runtime.add_fused_ffn_argument(p)  # our model's; the official model runs its own code
-    p.add_argument("--fitted_gelu", action="store_true",
-                   help="with --compile: the FFN's GELU takes its normal CDF from a fitted approximation instead of "
-                        "erf (traffic_retrieval.gelu; fewer GPU instructions, the same numbers within fp32 rounding)")
+    p.add_argument("--gelu_cdf", choices=list(GELU_CDF), default="auto",
+                   help="with --compile, GELU's normal CDF in the compiled layers: the fitted approximation "
+                        "(traffic_retrieval.gelu; fewer GPU instructions, the same numbers within fp32 rounding) or "
+                        "erf; auto: fitted on a GPU, erf on the CPU (default: %(default)s)")
     p.add_argument("--drop_path", type=float, default=0.0,
                    help="stochastic depth of the last layer in the training settings, for both models (the recipe "
                         "uses 0.2; default: %(default)s)")
@@ -57,10 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--drop_path must be in [0, 1)")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda given but no GPU is available")
-    if args.fitted_gelu and not args.compile:
-        p.error("--fitted_gelu changes what inductor compiles: give --compile too")
-    if args.fitted_gelu and args.fused_ffn:
-        p.error("--fitted_gelu and --fused_ffn replace the same GELU: give one of them")
+    if args.gelu_cdf != "auto" and not args.compile:
+        p.error("--gelu_cdf chooses what inductor compiles: give --compile too")
+    if args.gelu_cdf == "fitted" and args.fused_ffn:
+        p.error("--gelu_cdf fitted and --fused_ffn replace the same GELU: give one of them")
     if args.fused_ffn and not cuda:
         p.error("--fused_ffn is a GPU kernel: give --device cuda (the CPU runs the unfused ops)")
     return args

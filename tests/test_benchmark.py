@@ -69,29 +69,33 @@ def test_fused_ffn_needs_a_gpu(load_script, capsys) -> None:
     assert "--fused_ffn is a GPU kernel: give --device cuda" in capsys.readouterr().err
 
 
-def test_fitted_gelu_is_an_option_of_compiled_runs(load_script, capsys, monkeypatch) -> None:
-    """``--fitted_gelu`` changes what inductor compiles: refused without ``--compile``; with it, the project's model
-    is compiled with it and its training row says so (the official model's does not). (Dynamo's eager backend here:
-    test_gelu compiles it with inductor.)"""
+def test_gelu_cdf_is_an_option_of_compiled_runs(load_script, capsys, monkeypatch) -> None:
+    """``--gelu_cdf`` chooses what inductor compiles: refused without ``--compile``, and ``fitted`` with
+    ``--fused_ffn``; the project's model is compiled with it and its training row says which CDF ran (auto: erf on
+    the CPU; the official model's row: none). (Dynamo's eager backend here: test_gelu compiles it with inductor.)"""
+    parse = load_script("benchmark")["parse_args"]
     with pytest.raises(SystemExit):
-        load_script("benchmark")["parse_args"](["--device", "cpu", "--fitted_gelu"])
-    assert "--fitted_gelu changes what inductor compiles: give --compile too" in capsys.readouterr().err
+        parse(["--device", "cpu", "--gelu_cdf", "fitted"])
+    assert "--gelu_cdf chooses what inductor compiles: give --compile too" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        load_script("benchmark")["parse_args"](["--device", "cpu", "--compile", "--fitted_gelu", "--fused_ffn"])
-    assert "--fitted_gelu and --fused_ffn replace the same GELU" in capsys.readouterr().err
+        parse(["--device", "cpu", "--compile", "--gelu_cdf", "fitted", "--fused_ffn"])
+    assert "--gelu_cdf fitted and --fused_ffn replace the same GELU" in capsys.readouterr().err
     compiled = []
 
-    def compile_eager(model, fitted_gelu=False):  # noqa: ANN001, ANN202
+    def compile_eager(model, fitted_gelu=None):  # noqa: ANN001, ANN202
         compiled.append(fitted_gelu)
         return compile_layers(model, backend="eager", fitted_gelu=fitted_gelu)
 
     monkeypatch.setattr(bench, "compile_layers", compile_eager)
-    load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "2", "--device", "cpu",
-                                      "--iters", "1", "--warmup", "1", "--settings", "train", "--compile",
-                                      "--fitted_gelu"])
-    rows = {r["impl"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert rows["ours"]["fitted_gelu"] and rows["ours"]["compile"] and rows["ours"]["pairs_per_s"] > 0
-    assert not rows["official"]["fitted_gelu"] and compiled == [True]
+    rows = {}
+    for cdf in ("fitted", "auto"):
+        load_script("benchmark")["main"](["--model", "beit3_nano_patch16_32", "--batch_size", "2", "--device", "cpu",
+                                          "--iters", "1", "--warmup", "1", "--settings", "train", "--compile",
+                                          "--gelu_cdf", cdf])
+        rows[cdf] = {r["impl"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["fitted"]["ours"]["gelu_cdf"] == "fitted" and rows["auto"]["ours"]["gelu_cdf"] == "erf"
+    assert rows["fitted"]["ours"]["pairs_per_s"] > 0 and rows["fitted"]["official"]["gelu_cdf"] is None
+    assert compiled == [True, None]
 
 
 def test_ffn_setting_in_bf16(load_script, capsys) -> None:

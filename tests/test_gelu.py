@@ -112,7 +112,7 @@ def test_compiled_layers_with_fitted_gelu_match_eager(backend, checkpointing):
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
-def _traced_ops(fitted: bool) -> str:
+def _traced_ops(fitted: bool | None) -> str:
     """The code of every FX graph dynamo hands to the backend (subgraphs included) for one encoder layer pass."""
     torch.manual_seed(0)
     model = create_model("beit3_nano_patch16_32")
@@ -130,9 +130,11 @@ def _traced_ops(fitted: bool) -> str:
 
 def test_fitted_gelu_is_what_the_compiled_layers_run():
     """With ``fitted_gelu`` the traced layers compute GELU through the fitted CDF (exp2, rsqrt) and not F.gelu;
-    without, through F.gelu; eager modules keep F.gelu either way (a dozen ops would each be a kernel there)."""
-    fitted, plain = _traced_ops(True), _traced_ops(False)
+    without, through F.gelu, as by default on the CPU; eager modules keep F.gelu either way (a dozen ops would each be
+    a kernel there)."""
+    fitted, plain, default_on_cpu = _traced_ops(True), _traced_ops(False), _traced_ops(None)
     assert "gelu" in plain and "exp2" not in plain
+    assert default_on_cpu == plain  # the default takes the fitted CDF for CUDA tensors only
     assert "exp2" in fitted and "rsqrt" in fitted and "torch._C._nn.gelu" not in fitted
     model = create_model("beit3_nano_patch16_32")
     compile_layers(model, backend="eager", fitted_gelu=True)
@@ -143,18 +145,21 @@ def test_fitted_gelu_is_what_the_compiled_layers_run():
 
 
 def test_fitted_gelu_raises_inductors_recompute_threshold(monkeypatch):
-    """With the fitted CDF the layers are compiled with :data:`gelu.INDUCTOR_OPTIONS` (its backward recomputes GELU
-    instead of storing it), on top of the project's options; a caller's own options win."""
+    """With the fitted CDF (also by default: it is then the CUDA tensors') the layers are compiled with
+    :data:`gelu.INDUCTOR_OPTIONS` (its backward recomputes GELU instead of storing it), on top of the project's
+    options; a caller's own options win."""
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw["options"]))
     model = create_model("beit3_nano_patch16_32")
     compile_layers(model, fitted_gelu=True)
     compile_layers(model, fitted_gelu=True, options={"realize_opcount_threshold": 90})
+    compile_layers(model, fitted_gelu=False)
     compile_layers(model)
     depth = len(model.beit3.encoder.layers)
-    assert [o.get("realize_opcount_threshold") for o in seen[::depth]] == [64, 90, None]
+    assert [o.get("realize_opcount_threshold") for o in seen[::depth]] == [64, 90, None, 64]
     assert all(o["triton.multi_kernel"] == 1 for o in seen)
-    assert not any(layer.ffn.B.fitted_gelu for layer in model.beit3.encoder.layers)  # the last call turned it off
+    # the default leaves the choice to the tensors' device (fitted for CUDA tensors)
+    assert all(layer.ffn.B.fitted_gelu is None for layer in model.beit3.encoder.layers)
 
 
 def _inductor_sass(tmp_path, *flags: str) -> tuple[dict[str, int], int, int]:

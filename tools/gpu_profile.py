@@ -7,8 +7,8 @@ waits for the CPU), and with ``--profile`` sums the kernels of two steps by kind
 ``--variant`` compares ways of compiling: ``layers`` (the project's ``--compile``), ``reduce_overhead`` (the same with
 CUDA graphs), ``whole`` (one graph for the whole forward), ``eager``; ``--inductor KEY=VALUE`` sets inductor options
 on top (e.g. ``triton.multi_kernel=0`` for the layers without the project's multi-kernel option); ``--fused_ffn``
-runs the FFN's GELU + LayerNorm as the project's Triton kernel; ``--fitted_gelu`` compiles the layers' GELU with the
-fitted normal CDF of ``traffic_retrieval.gelu``. One JSON line per run; results:
+runs the FFN's GELU + LayerNorm as the project's Triton kernel; ``--gelu_cdf erf`` compiles the layers' GELU with
+erf instead of the fitted normal CDF of ``traffic_retrieval.gelu`` (the default on a GPU). One JSON line per run; results:
 ``tools/bench_results/``.
 
     PYTHONPATH=code python tools/gpu_profile.py --profile
@@ -27,7 +27,7 @@ import torch._inductor.config as inductor_config
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from traffic_retrieval.bench import _contrastive, _time, build, make_inputs
+from traffic_retrieval.bench import GELU_CDF, _contrastive, _time, build, make_inputs
 from traffic_retrieval.modeling import compile_layers, get_config, set_fused_ffn
 from traffic_retrieval.precision import get_autocast
 
@@ -53,8 +53,9 @@ def main() -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--profile", action="store_true", help="kernel time by kind, and the 30 longest kernels")
     p.add_argument("--fused_ffn", action="store_true", help="the FFN's GELU + LayerNorm as one Triton kernel")
-    p.add_argument("--fitted_gelu", action="store_true",
-                   help="compiled layers: GELU's normal CDF from the fitted approximation (traffic_retrieval.gelu)")
+    p.add_argument("--gelu_cdf", choices=list(GELU_CDF), default="auto",
+                   help="compiled layers: GELU's normal CDF, the fitted approximation (traffic_retrieval.gelu) or erf; "
+                        "auto: fitted on a GPU")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="inductor config settings")
     a = p.parse_args()
     if a.fused_ffn and not a.device.startswith("cuda"):
@@ -65,14 +66,15 @@ def main() -> None:
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model = build("ours", a.model, dev, False, False, None)
-    if a.fitted_gelu and a.variant not in ("layers", "reduce_overhead"):
-        p.error("--fitted_gelu is an option of compile_layers: use --variant layers or reduce_overhead")
-    if a.fitted_gelu and a.fused_ffn:
-        p.error("--fitted_gelu and --fused_ffn replace the same GELU: give one of them")
+    if a.gelu_cdf != "auto" and a.variant not in ("layers", "reduce_overhead"):
+        p.error("--gelu_cdf is an option of compile_layers: use --variant layers or reduce_overhead")
+    if a.gelu_cdf == "fitted" and a.fused_ffn:
+        p.error("--gelu_cdf fitted and --fused_ffn replace the same GELU: give one of them")
     if a.variant == "layers":
-        compile_layers(model, options=options, fitted_gelu=a.fitted_gelu)
+        compile_layers(model, options=options, fitted_gelu=GELU_CDF[a.gelu_cdf])
     elif a.variant == "reduce_overhead":  # what mode="reduce-overhead" sets
-        compile_layers(model, options={"triton.cudagraphs": True, **options}, fitted_gelu=a.fitted_gelu)
+        compile_layers(model, options={"triton.cudagraphs": True, **options},
+                       fitted_gelu=GELU_CDF[a.gelu_cdf])
     else:
         inductor_config.patch(options).__enter__()  # for the whole process
     inp = make_inputs(get_config(a.model), a.batch, dev)
@@ -95,7 +97,7 @@ def main() -> None:
     step()
     step()
     sync()
-    row = {"variant": a.variant, "inductor": a.inductor, "fused_ffn": a.fused_ffn, "fitted_gelu": a.fitted_gelu,
+    row = {"variant": a.variant, "inductor": a.inductor, "fused_ffn": a.fused_ffn, "gelu_cdf": a.gelu_cdf,
            "warmup_s": time.perf_counter() - t0}
     t = _time(step, dev, 2, 8)
     row.update(pairs_per_s=a.batch / t, step_ms=t * 1e3,

@@ -10,7 +10,7 @@ Settings (each prints one JSON line):
   kernel that runs, forward+backward time, and the largest error of the output and the input gradients against an
   fp32 reference (the math kernel): whether a preference is faster, and still right, on this GPU.
 - ``ffn``: the FFN's GELU + Sub-LN alone on the image shape (batch x tokens rows of the FFN width), as eager ops, as
-  inductor compiles them for ``--compile`` (with erf, and with ``--fitted_gelu``'s fitted normal CDF:
+  inductor compiles them for ``--compile`` (with erf, and with the fitted normal CDF that ``--compile`` uses on a GPU:
   ``compiled_fitted``), and as the project's Triton kernel (``--fused_ffn``, GPU only): time of
   forward+backward, of the forward (no grad) and of the backward alone, each with its bandwidth over the least memory
   traffic it needs, the launch shape the autotuner chose (``launch``) with every candidate's time (``tuning_ms``),
@@ -43,6 +43,8 @@ from .precision import compute_dtype, get_autocast
 from .retrieval import topk_similarity
 
 TEXT_LEN = 64
+# --gelu_cdf: compile_layers' fitted_gelu (auto: the fitted CDF for CUDA tensors)
+GELU_CDF: dict[str, bool | None] = {"auto": None, "fitted": True, "erf": False}
 PAIRED_SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text")  # timed for the official model too
 
 
@@ -161,11 +163,17 @@ def _contrastive(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
 
 
 def build(impl: str, name: str, device: torch.device, checkpointing: bool, compile: bool,
-          img_size: int | None, drop_path: float = 0.0, fitted_gelu: bool = False) -> nn.Module:
+          img_size: int | None, drop_path: float = 0.0, fitted_gelu: bool | None = None) -> nn.Module:
     cfg = get_config(name, img_size=img_size, checkpoint_activations=checkpointing, drop_path_rate=drop_path)
     with device:  # initialise on the device: a large model's CPU init alone takes many seconds
         model = BEiT3Retrieval(cfg) if impl == "ours" else OfficialModel(cfg)
     return compile_layers(model, fitted_gelu=fitted_gelu) if compile and impl == "ours" else model
+
+
+def _gelu_cdf(args, device: torch.device) -> str:
+    """The normal CDF the compiled layers' GELU uses: "fitted" or "erf" (``--gelu_cdf``, auto resolved)."""
+    fitted = GELU_CDF[args.gelu_cdf]
+    return "fitted" if (device.type == "cuda" if fitted is None else fitted) else "erf"
 
 
 def bench_train(model: nn.Module, inp: Inputs, device: torch.device, precision: str, warmup: int, iters: int) -> float:
@@ -223,12 +231,12 @@ def run_setting(setting: str, impl: str, args, device: torch.device) -> dict:
            "precision": args.precision, "checkpointing": ckpt, "drop_path": args.drop_path,
            "sdpa": args.sdpa if impl == "ours" else "default",
            "compile": bool(args.compile and impl == "ours"), "fused_ffn": bool(args.fused_ffn and impl == "ours"),
-           "fitted_gelu": bool(args.fitted_gelu and args.compile and impl == "ours")}
+           "gelu_cdf": _gelu_cdf(args, device) if args.compile and impl == "ours" else None}
     # (trimmed text batches vary in length: dynamo recompiles once with a dynamic length, within the warm-up)
     _free(device)
     try:
         model = build(impl, args.model, device, ckpt, row["compile"], args.input_size, args.drop_path,
-                      row["fitted_gelu"])
+                      GELU_CDF[args.gelu_cdf])
         inp = make_inputs(cfg, batch, device)
         if setting in ("train", "train_ckpt"):
             t = bench_train(model, inp, device, args.precision, args.warmup, args.iters)
@@ -265,8 +273,8 @@ def run_infer_stage(args, device: torch.device) -> dict:
     cfg = get_config(args.model, img_size=args.input_size)
     n = args.infer_gallery
     _free(device)
-    models = [build("ours", args.model, device, False, args.compile, args.input_size, fitted_gelu=args.fitted_gelu)
-              .eval() for _ in range(2)]
+    models = [build("ours", args.model, device, False, args.compile, args.input_size,
+                    fitted_gelu=GELU_CDF[args.gelu_cdf]).eval() for _ in range(2)]
     inp = make_inputs(cfg, args.encode_batch, device)
     tokens, mask = make_texts(cfg, n, device, seed=1)
 
@@ -293,7 +301,7 @@ def run_infer_stage(args, device: torch.device) -> dict:
     seconds = time.perf_counter() - t0
     row = {"setting": "infer_stage", "impl": "ours", "model": args.model, "img_size": cfg.img_size, "models": 2,
            "gallery": n, "queries": n, "precision": args.precision, "sdpa": args.sdpa, "compile": bool(args.compile),
-           "fitted_gelu": bool(args.fitted_gelu and args.compile), "fused_ffn": args.fused_ffn,
+           "gelu_cdf": _gelu_cdf(args, device) if args.compile else None, "fused_ffn": args.fused_ffn,
            "seconds": seconds, "warmup_seconds": warmup, "peak_mem_gb": _peak_gb(device)}
     models = None  # noqa: F841
     _free(device)
@@ -347,7 +355,7 @@ def _gelu_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: floa
 
 
 def _fitted_gelu_layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """As the FFN of ``compile_layers(..., fitted_gelu=True)`` computes it (compiled only)."""
+    """As the FFN of layers compiled with the fitted CDF computes it (``compile_layers``, compiled only)."""
     return F.layer_norm(gelu.fitted_gelu(x), (x.shape[-1],), w.to(x.dtype), b.to(x.dtype), eps)
 
 
