@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from traffic_retrieval import runtime
-from traffic_retrieval.bench import GELU_CDF, run
+from traffic_retrieval.bench import add_gelu_cdf_argument, run
 from traffic_retrieval.modeling import canonical_model_name, list_models, set_fused_ffn
 from traffic_retrieval.precision import PRECISIONS, default_precision
 
@@ -35,10 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default="torchscale", choices=["torchscale", "none"])
     p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer of our model")
     runtime.add_fused_ffn_argument(p)  # our model's; the official model runs its own code
-    p.add_argument("--gelu_cdf", choices=list(GELU_CDF), default="auto",
-                   help="with --compile, GELU's normal CDF in the compiled layers: the fitted approximation "
-                        "(traffic_retrieval.gelu; fewer GPU instructions, the same numbers within fp32 rounding) or "
-                        "erf; auto: fitted on a GPU, erf on the CPU (default: %(default)s)")
+    add_gelu_cdf_argument(p)  # with --compile
     p.add_argument("--drop_path", type=float, default=0.0,
                    help="stochastic depth of the last layer in the training settings, for both models (the recipe "
                         "uses 0.2; default: %(default)s)")

@@ -8,8 +8,8 @@ waits for the CPU), and with ``--profile`` sums the kernels of two steps by kind
 CUDA graphs), ``whole`` (one graph for the whole forward), ``eager``; ``--inductor KEY=VALUE`` sets inductor options
 on top (e.g. ``triton.multi_kernel=0`` for the layers without the project's multi-kernel option); ``--fused_ffn``
 runs the FFN's GELU + LayerNorm as the project's Triton kernel; ``--gelu_cdf erf`` compiles the layers' GELU with
-erf instead of the fitted normal CDF of ``traffic_retrieval.gelu`` (the default on a GPU). One JSON line per run; results:
-``tools/bench_results/``.
+erf instead of the fitted normal CDF of ``traffic_retrieval.gelu`` (the default on a GPU). One JSON line per run;
+results: ``tools/bench_results/``.
 
     PYTHONPATH=code python tools/gpu_profile.py --profile
     PYTHONPATH=code python tools/gpu_profile.py --device cpu --model beit3_tiny_patch8_64 --batch 8 --precision fp32
@@ -27,7 +27,7 @@ import torch._inductor.config as inductor_config
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from traffic_retrieval.bench import GELU_CDF, _contrastive, _time, build, make_inputs
+from traffic_retrieval.bench import GELU_CDF, _contrastive, _time, add_gelu_cdf_argument, build, make_inputs
 from traffic_retrieval.modeling import compile_layers, get_config, set_fused_ffn
 from traffic_retrieval.precision import get_autocast
 
@@ -53,23 +53,21 @@ def main() -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--profile", action="store_true", help="kernel time by kind, and the 30 longest kernels")
     p.add_argument("--fused_ffn", action="store_true", help="the FFN's GELU + LayerNorm as one Triton kernel")
-    p.add_argument("--gelu_cdf", choices=list(GELU_CDF), default="auto",
-                   help="compiled layers: GELU's normal CDF, the fitted approximation (traffic_retrieval.gelu) or erf; "
-                        "auto: fitted on a GPU")
+    add_gelu_cdf_argument(p)
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="inductor config settings")
     a = p.parse_args()
     if a.fused_ffn and not a.device.startswith("cuda"):
         p.error("--fused_ffn is a GPU kernel: give --device cuda")
+    if a.gelu_cdf != "auto" and a.variant not in ("layers", "reduce_overhead"):
+        p.error("--gelu_cdf is an option of compile_layers: use --variant layers or reduce_overhead")
+    if a.gelu_cdf == "fitted" and a.fused_ffn:
+        p.error("--gelu_cdf fitted and --fused_ffn replace the same GELU: give one of them")
     options = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in a.inductor)}
 
     set_fused_ffn(a.fused_ffn)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model = build("ours", a.model, dev, False, False, None)
-    if a.gelu_cdf != "auto" and a.variant not in ("layers", "reduce_overhead"):
-        p.error("--gelu_cdf is an option of compile_layers: use --variant layers or reduce_overhead")
-    if a.gelu_cdf == "fitted" and a.fused_ffn:
-        p.error("--gelu_cdf fitted and --fused_ffn replace the same GELU: give one of them")
     if a.variant == "layers":
         compile_layers(model, options=options, fitted_gelu=GELU_CDF[a.gelu_cdf])
     elif a.variant == "reduce_overhead":  # what mode="reduce-overhead" sets

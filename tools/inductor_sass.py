@@ -6,9 +6,8 @@ would need Triton's CPU backend. Triton then compiles the chosen kernels for an 
 ``ptxas -v`` (shipped with Triton) report instructions, registers and spills: how much a change, such as
 ``--fitted_gelu``, removes from the GPU's work, before a GPU is at hand. The launch shape (``--warps``; one row per
 program for persistent reductions, ``--xblock`` x ``--rblock`` tiles for the others) is an assumption: on a GPU
-inductor's autotuner picks it. Fusion
-decisions come from the CPU-side Triton scheduler with inductor's GPU threshold for materialising intermediates
-(30, or what ``--fitted_gelu`` / ``--inductor`` set). A development tool: it hooks into inductor's internals (tested
+inductor's autotuner picks it. Fusion decisions come from the CPU-side Triton scheduler with inductor's GPU threshold
+for materialising intermediates (30, or what ``--fitted_gelu`` / ``--inductor`` set). A development tool: it hooks into inductor's internals (tested
 with torch 2.11 and Triton 3.6, the GPU machines' versions, and torch 2.14 with Triton 3.8).
 
     PYTHONPATH=code python tools/inductor_sass.py --containing 'libdevice.erf('               # the GELU kernels

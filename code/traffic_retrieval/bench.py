@@ -23,6 +23,7 @@ token only, so its MFU is an effective figure (at most ~4% above the FLOPs it re
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -38,13 +39,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import gelu, kernels
 from .encoding import encode_token_batches
 from .modeling import (SDPA_ORDERS, BEiT3Config, BEiT3Retrieval, attention, compile_layers, get_config,
-                       inductor_options, sdpa_preference, set_sdpa)
+                       inductor_options, sdpa_preference, set_sdpa, uses_fitted_gelu)
 from .precision import compute_dtype, get_autocast
 from .retrieval import topk_similarity
 
 TEXT_LEN = 64
 # --gelu_cdf: compile_layers' fitted_gelu (auto: the fitted CDF for CUDA tensors)
 GELU_CDF: dict[str, bool | None] = {"auto": None, "fitted": True, "erf": False}
+
+
+def add_gelu_cdf_argument(parser: argparse.ArgumentParser) -> None:
+    """``--gelu_cdf`` of benchmark.py and tools/gpu_profile.py (one definition)."""
+    parser.add_argument("--gelu_cdf", choices=list(GELU_CDF), default="auto",
+                        help="GELU's normal CDF in the compiled layers: the fitted approximation "
+                             "(traffic_retrieval.gelu; fewer GPU instructions, the same numbers within fp32 rounding) "
+                             "or erf; auto: fitted on a GPU, erf on the CPU (default: %(default)s)")
 PAIRED_SETTINGS = ("train", "train_ckpt", "encode_image", "encode_text")  # timed for the official model too
 
 
@@ -172,8 +181,7 @@ def build(impl: str, name: str, device: torch.device, checkpointing: bool, compi
 
 def _gelu_cdf(args, device: torch.device) -> str:
     """The normal CDF the compiled layers' GELU uses: "fitted" or "erf" (``--gelu_cdf``, auto resolved)."""
-    fitted = GELU_CDF[args.gelu_cdf]
-    return "fitted" if (device.type == "cuda" if fitted is None else fitted) else "erf"
+    return "fitted" if uses_fitted_gelu(GELU_CDF[args.gelu_cdf], device) else "erf"
 
 
 def bench_train(model: nn.Module, inp: Inputs, device: torch.device, precision: str, warmup: int, iters: int) -> float:

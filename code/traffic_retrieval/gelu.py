@@ -7,10 +7,10 @@ a few ulp, and for x < 0 it is computed directly, without the cancellation of 1 
 
 Why: on the GPU, libdevice's erf takes 28 machine instructions per element (sm_90), this CDF with the exponential
 that GELU' reuses 17, and the kernels around the FFN's GELU + sub-LN have about as much to compute as to move. Two
-users: the fused Triton kernel (:mod:`traffic_retrieval.kernels`, the same constants) and, with
-``compile_layers(..., fitted_gelu=True)``, the FFN of compiled layers, where :func:`fitted_gelu` is a handful of
-torch ops that inductor fuses into its own GELU + LayerNorm kernels. Eager code keeps ``F.gelu``: as separate ops
-this would be slower there.
+users: the fused Triton kernel (:mod:`traffic_retrieval.kernels`, the same constants) and the FFN of compiled layers
+(``compile_layers``' ``fitted_gelu``; by default for CUDA tensors), where :func:`fitted_gelu` is a handful of torch
+ops that inductor fuses into its own GELU + LayerNorm kernels. Eager code keeps ``F.gelu``: as separate ops this
+would be slower there.
 """
 
 from __future__ import annotations

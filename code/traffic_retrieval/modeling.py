@@ -175,6 +175,12 @@ class Attention(nn.Module):
         return self.out_proj(self.inner_attn_ln(o, split), split)
 
 
+def uses_fitted_gelu(fitted_gelu: bool | None, device: torch.device) -> bool:
+    """Whether compiled layers with ``compile_layers``' ``fitted_gelu`` take the fitted CDF for tensors on ``device``
+    (None, the default: for CUDA tensors)."""
+    return device.type == "cuda" if fitted_gelu is None else fitted_gelu
+
+
 class FeedForward(nn.Module):
     """fc1 -> exact GELU -> Sub-LN over the hidden width -> fc2 (torchscale ``FeedForwardNetwork``)."""
 
@@ -194,8 +200,8 @@ class FeedForward(nn.Module):
         if _fused_ffn and kernels.supports(h):
             return self.fc2(kernels.gelu_layernorm(h, ln.weight, ln.bias, ln.eps))
         # (eager, the fitted CDF's dozen ops would each be a kernel: only inductor fuses them)
-        fitted = h.is_cuda if self.fitted_gelu is None else self.fitted_gelu
-        g = gelu.fitted_gelu(h) if fitted and torch.compiler.is_compiling() else F.gelu(h)
+        fitted = torch.compiler.is_compiling() and uses_fitted_gelu(self.fitted_gelu, h.device)
+        g = gelu.fitted_gelu(h) if fitted else F.gelu(h)
         return self.fc2(ln(g))
 
 
